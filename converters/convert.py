@@ -1,0 +1,82 @@
+"""`edgerun convert`: a Hugging Face directory or a .gguf file -> one .edr file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from edgerun import format as edr
+from edgerun.errors import ConversionError, ModelFileError
+from edgerun.tokenizer import Tokenizer, gguf_metadata
+
+from . import gguf_file, hf
+from .quant import QUANT_KINDS, check_quant, pack
+
+DEFAULT_GROUP = 32
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="tensor", leave=False)
+    return bar.update, bar.close
+
+
+def _source_kind(src: Path) -> str:
+    if src.is_dir():
+        return "hf"
+    if src.suffix.lower() == ".gguf":
+        return "gguf"
+    if not src.exists():
+        raise ModelFileError(f"{src}: no such file or directory")
+    raise ConversionError(f"{src}: not a Hugging Face directory or a .gguf file")
+
+
+def convert(src, out, quant: str | None = None, group_size: int | None = None,
+            progress: bool = True) -> str:
+    """Convert ``src`` into the model file ``out`` (written to a temp file, then renamed).
+
+    quant: f32 | f16 | bf16 | int8 | int4; default f16 for HF directories and, for GGUF,
+    each block type's exact packed twin (other GGML types become int8).
+    Returns the content hash.
+    """
+    src, out = Path(src), Path(out)
+    kind = _source_kind(src)
+    check_quant(quant or "f16", group_size)
+    group = group_size or DEFAULT_GROUP
+    if kind == "hf":
+        cfg = hf.read_config(src)
+        quant = quant or "f16"
+        tok = Tokenizer.from_file(src).to_dict()
+        tensors = ((n, pack(n, w, quant, group)) for n, w in hf.iter_tensors(src, cfg))
+        total = len(hf.open_weights(src))
+    else:
+        reader = gguf_file.open_gguf(src)
+        md = gguf_metadata(reader)
+        cfg = gguf_file.config_from_metadata(md, {t.name for t in reader.tensors}, src)
+        tok = Tokenizer.from_gguf(md).to_dict()
+        tensors = gguf_file.iter_tensors(reader, cfg, quant, group)
+        total = len(reader.tensors)
+    update, close = _progress(total, f"converting {src.name}", progress)
+    try:
+        return edr.write(out, arch=cfg["architecture"], config=cfg, tokenizer=tok, tensors=tensors,
+                         extra={"quant": quant or "native", "source": src.name}, progress=update)
+    finally:
+        close()
+
+
+def convert_in_memory(src, quant: str | None = None, group_size: int | None = None,
+                      verbose: bool = False) -> edr.ModelFile:
+    """Convert to an unlinked temporary file and open it: the weights stay memory-mapped."""
+    fd, tmp = tempfile.mkstemp(suffix=".edr")
+    os.close(fd)
+    try:
+        convert(src, tmp, quant, group_size, progress=verbose)
+        return edr.open_model(tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+__all__ = ["convert", "convert_in_memory", "QUANT_KINDS"]

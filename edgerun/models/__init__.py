@@ -1,0 +1,1 @@
+"""One small file per architecture family; registry.py maps HF names to them."""

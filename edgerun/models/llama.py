@@ -1,0 +1,142 @@
+"""Llama family: Llama, Mistral, Qwen2, Qwen3 (and SmolLM), chosen by config.
+
+    h = x + attn(attn_norm(x))          attention: GQA, RoPE, optional bias and QK-norm
+    y = h + mlp(mlp_norm(h))            mlp: down(silu(gate(h)) * up(h))
+Tensor names are the Hugging Face checkpoint names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ..cache import KVState
+from .rope import inv_freq
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
+        args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        return args
+
+
+class Attention:
+    def __init__(self, args: ModelArgs, w, p: str, ops):
+        self.ops, self.args = ops, args
+        self.q, self.k, self.v, self.o = (w[f"{p}.{n}_proj.weight"] for n in "qkvo")
+        self.q_bias, self.k_bias, self.v_bias, self.o_bias = (w.get(f"{p}.{n}_proj.bias") for n in "qkvo")
+        self.q_norm = w.get(f"{p}.q_norm.weight")
+        self.k_norm = w.get(f"{p}.k_norm.weight")
+        self.inv_freq, self.rope_scale = inv_freq(args.head_dim, args.rope_theta, args.rope_scaling,
+                                                  args.partial_rotary_factor)
+        self.scale = args.head_dim ** -0.5
+        # Until the paged KV cache lands, attention is full even where the config has a window.
+        self.window = 0
+
+    def _proj(self, x, w, b):
+        y = self.ops.linear(x, w)
+        if b is not None:
+            y += b
+        return y
+
+    def __call__(self, x, positions, state: KVState, layer: int):
+        a, ops = self.args, self.ops
+        T = x.shape[0]
+        q = self._proj(x, self.q, self.q_bias).reshape(T, a.num_attention_heads, a.head_dim)
+        k = self._proj(x, self.k, self.k_bias).reshape(T, a.num_key_value_heads, a.head_dim)
+        v = self._proj(x, self.v, self.v_bias).reshape(T, a.num_key_value_heads, a.head_dim)
+        if self.q_norm is not None:
+            ops.rms_norm_heads(q, self.q_norm, a.rms_norm_eps)
+            ops.rms_norm_heads(k, self.k_norm, a.rms_norm_eps)
+        ops.rope(q, positions, self.inv_freq, self.rope_scale)
+        ops.rope(k, positions, self.inv_freq, self.rope_scale)
+        o = ops.attention(q, k, v, state, layer, self.scale, self.window)
+        return self._proj(o.reshape(T, -1), self.o, self.o_bias)
+
+
+class MLP:
+    def __init__(self, w, p: str, ops):
+        self.ops = ops
+        self.gate, self.up, self.down = (w[f"{p}.{n}_proj.weight"] for n in ("gate", "up", "down"))
+
+    def __call__(self, x):
+        ops = self.ops
+        return ops.linear(ops.silu_mul(ops.linear(x, self.gate), ops.linear(x, self.up)), self.down)
+
+
+class Block:
+    def __init__(self, args, w, i, ops):
+        p = f"model.layers.{i}"
+        self.ops, self.eps, self.i = ops, args.rms_norm_eps, i
+        self.attn_norm = w[f"{p}.input_layernorm.weight"]
+        self.mlp_norm = w[f"{p}.post_attention_layernorm.weight"]
+        self.attn = Attention(args, w, f"{p}.self_attn", ops)
+        self.mlp = MLP(w, f"{p}.mlp", ops)
+
+    def __call__(self, x, positions, state):
+        ops = self.ops
+        h = ops.add_(x, self.attn(ops.rms_norm(x, self.attn_norm, self.eps), positions, state, self.i))
+        return ops.add_(h, self.mlp(ops.rms_norm(h, self.mlp_norm, self.eps)))
+
+
+class Model:
+    """The decoder. ``weights`` maps HF tensor names to packed containers; 1-D tensors as float32 arrays."""
+
+    def __init__(self, args: ModelArgs, weights: dict, ops):
+        self.args, self.ops = args, ops
+        self.embed = weights["model.embed_tokens.weight"]
+        self.layers = [Block(args, weights, i, ops) for i in range(args.num_hidden_layers)]
+        self.norm = weights["model.norm.weight"]
+        self.head = weights.get("lm_head.weight", self.embed) if not args.tie_word_embeddings else self.embed
+
+    @property
+    def max_context(self) -> int:
+        return self.args.max_position_embeddings
+
+    def new_state(self, capacity: int | None = None) -> KVState:
+        a = self.args
+        return KVState(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, capacity or self.max_context)
+
+    def __call__(self, ids: np.ndarray, state: KVState, last_only: bool = False) -> np.ndarray:
+        """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only."""
+        T = ids.shape[0]
+        positions = np.arange(state.length, state.length + T, dtype=np.int64)
+        x = self.ops.embed(ids, self.embed, self.args.hidden_size)       # (T, hidden)
+        for layer in self.layers:
+            x = layer(x, positions, state)
+        state.length += T
+        state.tokens.extend(ids.tolist())
+        if last_only:
+            x = x[-1:]
+        return self.ops.linear(self.ops.rms_norm(x, self.norm, self.args.rms_norm_eps), self.head)
+
+    @staticmethod
+    def sanitize(config: dict) -> dict:
+        """Normalise a family's config into ModelArgs keys (Qwen3 and others flag QK-norm by type)."""
+        c = dict(config)
+        if c.get("model_type") == "qwen3":
+            c["qk_norm"] = True
+        if c.get("model_type") == "qwen2" and not c.get("use_sliding_window", False):
+            c["sliding_window"] = None
+        return c

@@ -1,0 +1,1 @@
+"""Numba CPU kernels. Each public kernel has a plain NumPy ``*_ref`` twin in the same module."""

@@ -1,0 +1,203 @@
+"""Matrix products of activations with packed weights: y = x @ W.T.
+
+One kernel per packed kind, all with the signature ``(x, <weight fields>, out)``:
+x is float32 (T, in), out float32 (T, out). T == 1 (decode) walks the packed rows
+directly; T > 1 (prefill) unpacks a block of rows into a small float buffer once
+and reuses it for every token. Rows are split across threads with prange.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._common import FASTMATH, JIT, as_float, half_to_float
+
+ROW_BLOCK = 16
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _dot(a, b, n):
+    acc = np.float32(0.0)
+    for j in range(n):
+        acc += a[j] * b[j]
+    return acc
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _block_dots(buf, nr, x, out, r0):
+    """out[t, r0 + i] = buf[i] . x[t] for the nr unpacked rows in buf."""
+    T, n = x.shape
+    for t in range(T):
+        for i in range(nr):
+            out[t, r0 + i] = _dot(buf[i], x[t], n)
+
+
+# ------------------------------------------------------------------ dense
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_f32(x, w, out):
+    T, n = x.shape
+    rows = w.shape[0]
+    for b in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = b * ROW_BLOCK
+        for t in range(T):
+            for r in range(r0, min(r0 + ROW_BLOCK, rows)):
+                out[t, r] = _dot(w[r], x[t], n)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_bf16(x, w, out):
+    T, n = x.shape
+    rows = w.shape[0]
+    for b in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = b * ROW_BLOCK
+        nr = min(ROW_BLOCK, rows - r0)
+        bits = np.empty((nr, n), np.uint32)
+        for i in range(nr):
+            for j in range(n):
+                bits[i, j] = np.uint32(w[r0 + i, j]) << 16
+        _block_dots(bits.view(np.float32), nr, x, out, r0)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_f16(x, w, out):
+    T, n = x.shape
+    rows = w.shape[0]
+    for b in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = b * ROW_BLOCK
+        nr = min(ROW_BLOCK, rows - r0)
+        buf = np.empty((nr, n), np.float32)
+        for i in range(nr):
+            for j in range(n):
+                buf[i, j] = half_to_float(w[r0 + i, j])
+        _block_dots(buf, nr, x, out, r0)
+
+
+# ------------------------------------------------------------------ int8
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_int8(x, q, scales, group, out):
+    T, n = x.shape
+    rows = q.shape[0]
+    ng = n // group
+    if T == 1:
+        for r in prange(rows):
+            acc = np.float32(0.0)
+            for g in range(ng):
+                s = np.float32(0.0)
+                base = g * group
+                for j in range(group):
+                    s += np.float32(q[r, base + j]) * x[0, base + j]
+                acc += as_float(scales[r, g]) * s
+            out[0, r] = acc
+        return
+    for b in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = b * ROW_BLOCK
+        nr = min(ROW_BLOCK, rows - r0)
+        buf = np.empty((nr, n), np.float32)
+        for i in range(nr):
+            for g in range(ng):
+                s = as_float(scales[r0 + i, g])
+                for j in range(g * group, (g + 1) * group):
+                    buf[i, j] = s * np.float32(q[r0 + i, j])
+        _block_dots(buf, nr, x, out, r0)
+
+
+# ------------------------------------------------------------------ int4
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_int4(x, qs, scales, mins, group, out):
+    """Int4Weight layout: in group g, byte j = input j (low nibble) | input j + group/2 (high)."""
+    T, n = x.shape
+    rows = qs.shape[0]
+    ng = n // group
+    half = group // 2
+    has_mins = mins.shape[0] > 0
+    if T == 1:
+        xsum = np.empty(ng, np.float32)          # per-group sums of x fold in the offset or min
+        for g in range(ng):
+            xsum[g] = _dot(x[0, g * group:(g + 1) * group], np.ones(group, np.float32), group)
+        for r in prange(rows):
+            acc = np.float32(0.0)
+            for g in range(ng):
+                base = g * group
+                qb = g * half
+                s = np.float32(0.0)
+                for j in range(half):
+                    byte = qs[r, qb + j]
+                    s += np.float32(byte & 15) * x[0, base + j] + np.float32(byte >> 4) * x[0, base + half + j]
+                if has_mins:
+                    acc += as_float(scales[r, g]) * s + as_float(mins[r, g]) * xsum[g]
+                else:
+                    acc += as_float(scales[r, g]) * (s - 8.0 * xsum[g])
+            out[0, r] = acc
+        return
+    for b in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = b * ROW_BLOCK
+        nr = min(ROW_BLOCK, rows - r0)
+        buf = np.empty((nr, n), np.float32)
+        for i in range(nr):
+            _unpack_int4_row(qs[r0 + i], scales[r0 + i], mins[r0 + i] if has_mins else scales[r0 + i],
+                             has_mins, group, buf[i])
+        _block_dots(buf, nr, x, out, r0)
+
+
+@njit(inline="always")
+def _unpack_int4_row(qrow, srow, mrow, has_mins, group, dst):
+    half = group // 2
+    for g in range(dst.shape[0] // group):
+        s = as_float(srow[g])
+        m = as_float(mrow[g]) if has_mins else -8.0 * s
+        for j in range(half):
+            byte = qrow[g * half + j]
+            dst[g * group + j] = s * np.float32(byte & 15) + m
+            dst[g * group + half + j] = s * np.float32(byte >> 4) + m
+
+
+# ------------------------------------------------------------------ row gather (embeddings)
+
+@njit(parallel=True, **JIT)
+def embed_f32(ids, w, out):
+    for i in prange(ids.shape[0]):
+        out[i] = w[ids[i]]
+
+
+@njit(parallel=True, **JIT)
+def embed_f16(ids, w, out):
+    for i in prange(ids.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = half_to_float(w[ids[i], j])
+
+
+@njit(parallel=True, **JIT)
+def embed_bf16(ids, w, out):
+    for i in prange(ids.shape[0]):
+        bits = np.empty(out.shape[1], np.uint32)
+        for j in range(out.shape[1]):
+            bits[j] = np.uint32(w[ids[i], j]) << 16
+        out[i] = bits.view(np.float32)
+
+
+@njit(parallel=True, **JIT)
+def embed_int8(ids, q, scales, group, out):
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        for j in range(out.shape[1]):
+            out[i, j] = as_float(scales[r, j // group]) * np.float32(q[r, j])
+
+
+@njit(parallel=True, **JIT)
+def embed_int4(ids, qs, scales, mins, group, out):
+    has_mins = mins.shape[0] > 0
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _unpack_int4_row(qs[r], scales[r], mins[r] if has_mins else scales[r], has_mins, group, out[i])
+
+
+# ------------------------------------------------------------------ references
+
+def gemm_ref(x: np.ndarray, w_f32: np.ndarray) -> np.ndarray:
+    """Plain NumPy twin of every gemm_*: x (T, in) @ unpacked W (out, in).T, in float64."""
+    return (x.astype(np.float64) @ w_f32.astype(np.float64).T).astype(np.float32)
+
+
+def embed_ref(ids: np.ndarray, w_f32: np.ndarray) -> np.ndarray:
+    return w_f32[ids].astype(np.float32)

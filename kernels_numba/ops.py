@@ -1,0 +1,93 @@
+"""Elementwise and normalisation kernels: RMSNorm, RoPE, SwiGLU, residual adds."""
+import numpy as np
+from numba import njit, prange
+
+from ._common import FASTMATH, JIT
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def rms_norm(x, weight, eps, out):
+    """out[t] = x[t] / rms(x[t]) * weight.   x, out: (T, d); weight: (d,)"""
+    T, d = x.shape
+    for t in prange(T):
+        ss = np.float32(0.0)
+        for j in range(d):
+            ss += x[t, j] * x[t, j]
+        inv = np.float32(1.0 / np.sqrt(ss / d + eps))
+        for j in range(d):
+            out[t, j] = x[t, j] * inv * weight[j]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def rms_norm_heads(x, weight, eps):
+    """In place, per head: x (T, n_heads, head_dim) normalised over head_dim (QK-norm)."""
+    T, H, d = x.shape
+    for t in prange(T):
+        for h in range(H):
+            ss = np.float32(0.0)
+            for j in range(d):
+                ss += x[t, h, j] * x[t, h, j]
+            inv = np.float32(1.0 / np.sqrt(ss / d + eps))
+            for j in range(d):
+                x[t, h, j] = x[t, h, j] * inv * weight[j]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def rope(x, positions, inv_freq, attn_scale):
+    """In place, HF 'rotate_half' convention: pairs (j, j + rot/2) of the first rot dims.
+    x: (T, n_heads, head_dim); positions: (T,) int64; inv_freq: (rot/2,) float32."""
+    T, H, d = x.shape
+    half = inv_freq.shape[0]
+    for t in prange(T):
+        p = positions[t]
+        for i in range(half):
+            ang = np.float64(p) * np.float64(inv_freq[i])
+            c = np.float32(np.cos(ang) * attn_scale)
+            s = np.float32(np.sin(ang) * attn_scale)
+            for h in range(H):
+                a = x[t, h, i]
+                b = x[t, h, i + half]
+                x[t, h, i] = a * c - b * s
+                x[t, h, i + half] = b * c + a * s
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def silu_mul(gate, up, out):
+    """out = silu(gate) * up, all (T, d)."""
+    T, d = gate.shape
+    for t in prange(T):
+        for j in range(d):
+            g = gate[t, j]
+            out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * up[t, j]
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def add_inplace(x, y):
+    """x += y for (T, d) arrays."""
+    T, d = x.shape
+    for t in range(T):
+        for j in range(d):
+            x[t, j] += y[t, j]
+
+
+# ------------------------------------------------------------------ references
+
+def rms_norm_ref(x, weight, eps):
+    x = x.astype(np.float64)
+    return (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight).astype(np.float32)
+
+
+def rope_ref(x, positions, inv_freq, attn_scale=1.0):
+    half = inv_freq.shape[0]
+    ang = positions[:, None].astype(np.float64) * inv_freq[None, :].astype(np.float64)   # (T, half)
+    c, s = (np.cos(ang) * attn_scale)[:, None, :], (np.sin(ang) * attn_scale)[:, None, :]
+    a, b = x[..., :half].astype(np.float64), x[..., half:2 * half].astype(np.float64)
+    y = x.astype(np.float64).copy()
+    y[..., :half] = a * c - b * s
+    y[..., half:2 * half] = b * c + a * s
+    return y.astype(np.float32)
+
+
+def silu_mul_ref(gate, up):
+    g = gate.astype(np.float64)
+    return (g / (1 + np.exp(-g)) * up).astype(np.float32)
