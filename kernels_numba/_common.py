@@ -9,20 +9,21 @@ JIT = dict(cache=True, nogil=True)
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@njit(**JIT)
+# 2**(e - 25) for each float16 exponent e; e == 0 (subnormal) uses 2**-24 with no implicit bit
+_POW2 = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
+
+
+@njit(inline="always", **JIT)
 def half_to_float(h):
     """IEEE float16 bits (uint16) -> float32, handling zero, subnormals, inf and nan."""
     h = np.int32(h)
-    sign = -1.0 if h & 0x8000 else 1.0
     e = (h >> 10) & 0x1F
     m = h & 0x3FF
-    if e == 0:
-        v = m * 5.960464477539063e-08          # m * 2**-24
-    elif e == 31:
-        v = np.inf if m == 0 else np.nan
+    if e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
     else:
-        v = (1024 + m) * 2.0 ** (e - 25)
-    return np.float32(sign * v)
+        v = np.float32(m + (1024 if e else 0)) * _POW2[e]
+    return -v if h & 0x8000 else v
 
 
 def as_float(x):

@@ -114,7 +114,10 @@ def gemm_int4(x, qs, scales, mins, group, out):
     if T == 1:
         xsum = np.empty(ng, np.float32)          # per-group sums of x fold in the offset or min
         for g in range(ng):
-            xsum[g] = _dot(x[0, g * group:(g + 1) * group], np.ones(group, np.float32), group)
+            acc = np.float32(0.0)
+            for j in range(g * group, (g + 1) * group):
+                acc += x[0, j]
+            xsum[g] = acc
         for r in prange(rows):
             acc = np.float32(0.0)
             for g in range(ng):
