@@ -1,0 +1,111 @@
+"""`edgerun bench`: prefill and decode tokens/s (medians), peak RSS, load time, JIT time."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+_TEXT = ("The quick brown fox jumps over the lazy dog. Edge devices run language models "
+         "close to their users, where memory bandwidth decides how fast each token comes. ")
+
+
+def _prompt(m, n: int) -> list[int]:
+    ids = m.tokenizer.encode(_TEXT * (1 + n // 8), add_bos=False)
+    return ids[:n]
+
+
+def _first_token_child(model: str, threads) -> None:
+    """Run in a child process: load + first token, printed as JSON."""
+    t0 = time.perf_counter()
+    from . import load
+    m = load(model, threads=threads)
+    t1 = time.perf_counter()
+    m.step(m.new_state(), _prompt(m, 8), last_only=True)
+    t2 = time.perf_counter()
+    print(json.dumps({"load_s": t1 - t0, "first_token_s": t2 - t1, "total_s": t2 - t0}))
+
+
+def _jit_times(model: str, threads) -> dict:
+    """Time to first token in fresh processes: with an empty Numba cache, then with the cache it left."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="edgerun-jit-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        code = f"from edgerun.bench import _first_token_child; _first_token_child({model!r}, {threads!r})"
+        for label in ("cold", "warm"):
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(r.stderr.strip().splitlines()[-1])
+            out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def bench(model: str, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 64,
+          repeats: int = 5, cold: bool = False) -> dict:
+    import numba
+
+    from . import load
+    from .api import resolve
+    path = str(resolve(model))
+    t0 = time.perf_counter()
+    m = load(path, threads=threads)
+    load_s = time.perf_counter() - t0
+    ids = _prompt(m, prompt_tokens)
+
+    t0 = time.perf_counter()
+    m.step(m.new_state(), ids[:8], last_only=True)       # compiles, or loads the Numba cache
+    first_s = time.perf_counter() - t0
+    st = m.new_state()                                    # warm every kernel shape once
+    m.step(st, ids, last_only=True)
+    m.step(st, [ids[0]], last_only=True)
+
+    prefill, decode = [], []
+    for _ in range(repeats):
+        st = m.new_state()
+        t0 = time.perf_counter()
+        logits = m.step(st, ids, last_only=True)
+        prefill.append(len(ids) / (time.perf_counter() - t0))
+        tok = int(logits[-1].argmax())
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            tok = int(m.step(st, [tok], last_only=True)[-1].argmax())
+        decode.append(gen_tokens / (time.perf_counter() - t0))
+    weight_bytes = int(m.file.data.nbytes)
+    r = {
+        "model": path, "arch": m.file.arch, "quant": m.file.extra.get("quant"),
+        "weight_bytes": weight_bytes, "threads": numba.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "prompt_tokens": len(ids), "gen_tokens": gen_tokens, "repeats": repeats,
+        "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+        "prefill_tok_s_all": prefill, "decode_tok_s_all": decode,
+        "load_s": load_s, "first_token_s": first_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if cold:
+        r["jit"] = _jit_times(path, threads)
+    return r
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"model        {r['model']}  ({r['arch']}, {r['quant']}, {r['weight_bytes'] / 2**20:.1f} MiB of weights)",
+        f"threads      {r['threads']}",
+        f"prefill      {r['prefill_tok_s']:.1f} tok/s  (median of {r['repeats']}, {r['prompt_tokens']}-token prompt)",
+        f"decode       {r['decode_tok_s']:.1f} tok/s  (median of {r['repeats']}, {r['gen_tokens']} tokens)",
+        f"load         {r['load_s'] * 1000:.0f} ms",
+        f"first token  {r['first_token_s'] * 1000:.0f} ms (this process)",
+        f"peak RSS     {r['peak_rss_mib']:.0f} MiB",
+    ]
+    if "jit" in r:
+        for k in ("cold", "warm"):
+            j = r["jit"][k]
+            lines.append(f"{k} start   load {j['load_s'] * 1000:.0f} ms + first token {j['first_token_s'] * 1000:.0f} ms "
+                         f"= {j['total_s']:.2f} s ({'empty' if k == 'cold' else 'filled'} Numba cache)")
+    return "\n".join(lines)
