@@ -125,6 +125,9 @@ def write(path: str | os.PathLike, *, arch: str, config: dict, tokenizer: dict,
             f.write(header)
             for b in bufs:
                 f.write(memoryview(b).cast("B") if isinstance(b, np.ndarray) else b)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; a model file is ordinary data
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -4,6 +4,10 @@ One kernel per packed kind, all with the signature ``(x, <weight fields>, out)``
 x is float32 (T, in), out float32 (T, out). T == 1 (decode) walks the packed rows
 directly; T > 1 (prefill) unpacks a block of rows into a small float buffer once
 and reuses it for every token. Rows are split across threads with prange.
+
+Inner loops index group-sized slices (views) with the loop counter, never
+``base + j``: Numba must assume a computed index may be negative and wraps it,
+and that per-element check kept LLVM from vectorising (5x slower, measured).
 """
 import numpy as np
 from numba import njit, prange
@@ -82,10 +86,11 @@ def gemm_int8(x, q, scales, group, out):
         for r in prange(rows):
             acc = np.float32(0.0)
             for g in range(ng):
+                qg = q[r, g * group:(g + 1) * group]
+                xg = x[0, g * group:(g + 1) * group]
                 s = np.float32(0.0)
-                base = g * group
                 for j in range(group):
-                    s += np.float32(q[r, base + j]) * x[0, base + j]
+                    s += np.float32(qg[j]) * xg[j]
                 acc += as_float(scales[r, g]) * s
             out[0, r] = acc
         return
@@ -96,8 +101,10 @@ def gemm_int8(x, q, scales, group, out):
         for i in range(nr):
             for g in range(ng):
                 s = as_float(scales[r0 + i, g])
-                for j in range(g * group, (g + 1) * group):
-                    buf[i, j] = s * np.float32(q[r0 + i, j])
+                qg = q[r0 + i, g * group:(g + 1) * group]
+                bg = buf[i, g * group:(g + 1) * group]
+                for j in range(group):
+                    bg[j] = s * np.float32(qg[j])
         _block_dots(buf, nr, x, out, r0)
 
 
@@ -114,19 +121,21 @@ def gemm_int4(x, qs, scales, mins, group, out):
     if T == 1:
         xsum = np.empty(ng, np.float32)          # per-group sums of x fold in the offset or min
         for g in range(ng):
+            xg = x[0, g * group:(g + 1) * group]
             acc = np.float32(0.0)
-            for j in range(g * group, (g + 1) * group):
-                acc += x[0, j]
+            for j in range(group):
+                acc += xg[j]
             xsum[g] = acc
         for r in prange(rows):
             acc = np.float32(0.0)
             for g in range(ng):
-                base = g * group
-                qb = g * half
+                qg = qs[r, g * half:(g + 1) * half]
+                xlo = x[0, g * group:g * group + half]
+                xhi = x[0, g * group + half:(g + 1) * group]
                 s = np.float32(0.0)
                 for j in range(half):
-                    byte = qs[r, qb + j]
-                    s += np.float32(byte & 15) * x[0, base + j] + np.float32(byte >> 4) * x[0, base + half + j]
+                    byte = qg[j]
+                    s += np.float32(byte & 15) * xlo[j] + np.float32(byte >> 4) * xhi[j]
                 if has_mins:
                     acc += as_float(scales[r, g]) * s + as_float(mins[r, g]) * xsum[g]
                 else:
@@ -149,10 +158,13 @@ def _unpack_int4_row(qrow, srow, mrow, has_mins, group, dst):
     for g in range(dst.shape[0] // group):
         s = as_float(srow[g])
         m = as_float(mrow[g]) if has_mins else -8.0 * s
+        qg = qrow[g * half:(g + 1) * half]
+        lo = dst[g * group:g * group + half]
+        hi = dst[g * group + half:(g + 1) * group]
         for j in range(half):
-            byte = qrow[g * half + j]
-            dst[g * group + j] = s * np.float32(byte & 15) + m
-            dst[g * group + half + j] = s * np.float32(byte >> 4) + m
+            byte = qg[j]
+            lo[j] = s * np.float32(byte & 15) + m
+            hi[j] = s * np.float32(byte >> 4) + m
 
 
 # ------------------------------------------------------------------ row gather (embeddings)
