@@ -1,33 +1,51 @@
 """A contiguous KV cache per sequence.
 
 This is the simple cache the paged KV cache will replace: one (n_kv_heads, capacity,
-head_dim) float32 array per layer for keys and one for values. The arrays come from
-np.zeros, i.e. calloc: pages the sequence never reaches are never touched, so a
-capacity of the whole context costs only what is used.
+head_dim) float32 array per layer for keys and one for values. Capacity starts small
+and doubles as the sequence grows (up to the model's context), so a short chat does
+not hold a whole context's worth of memory: numpy backs large arrays with huge pages,
+so even untouched-looking zeros cost 2 MiB per head once a single token lands there.
 """
 from __future__ import annotations
 
 import numpy as np
 
+INITIAL_CAPACITY = 256
+
 
 class KVState:
     """Keys and values of one sequence. ``length`` tokens are cached."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int):
-        self.capacity = capacity
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_context: int,
+                 capacity: int = INITIAL_CAPACITY):
+        self.max_context = max_context
+        self.capacity = min(capacity, max_context)
         self.length = 0
-        self.k = [np.zeros((n_kv_heads, capacity, head_dim), np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros((n_kv_heads, capacity, head_dim), np.float32) for _ in range(n_layers)]
         self.tokens: list[int] = []
+        shape = (n_kv_heads, self.capacity, head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+
+    def reserve(self, n_new: int) -> None:
+        """Make room for n_new more tokens (the caller has checked the context limit)."""
+        need = self.length + n_new
+        if need <= self.capacity:
+            return
+        cap = min(max(need, 2 * self.capacity), self.max_context)
+        for arrays in (self.k, self.v):
+            for i, a in enumerate(arrays):
+                b = np.zeros((a.shape[0], cap, a.shape[2]), np.float32)
+                b[:, :self.length] = a[:, :self.length]
+                arrays[i] = b
+        self.capacity = cap
 
     def fork(self) -> "KVState":
-        """An independent copy (copies the used part of the cache)."""
+        """An independent copy of this sequence's state."""
         other = KVState.__new__(KVState)
-        other.capacity, other.length, other.tokens = self.capacity, self.length, list(self.tokens)
-        other.k = [np.zeros_like(a) for a in self.k]
-        other.v = [np.zeros_like(a) for a in self.v]
-        for src, dst in zip(self.k + self.v, other.k + other.v):
-            dst[:, :self.length] = src[:, :self.length]
+        other.max_context, other.capacity = self.max_context, self.capacity
+        other.length, other.tokens = self.length, list(self.tokens)
+        other.k = [a.copy() for a in self.k]
+        other.v = [a.copy() for a in self.v]
         return other
 
     def rollback(self, n: int) -> None:
@@ -37,6 +55,5 @@ class KVState:
         del self.tokens[len(self.tokens) - n:]
 
     @property
-    def nbytes_used(self) -> int:
-        per_tok = sum(a.shape[0] * a.shape[2] * a.itemsize for a in self.k + self.v)
-        return per_tok * self.length
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)

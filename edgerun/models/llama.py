@@ -114,13 +114,14 @@ class Model:
     def max_context(self) -> int:
         return self.args.max_position_embeddings
 
-    def new_state(self, capacity: int | None = None) -> KVState:
+    def new_state(self) -> KVState:
         a = self.args
-        return KVState(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, capacity or self.max_context)
+        return KVState(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.max_context)
 
     def __call__(self, ids: np.ndarray, state: KVState, last_only: bool = False) -> np.ndarray:
         """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only."""
         T = ids.shape[0]
+        state.reserve(T)
         positions = np.arange(state.length, state.length + T, dtype=np.int64)
         x = self.ops.embed(ids, self.embed, self.args.hidden_size)       # (T, hidden)
         for layer in self.layers:
