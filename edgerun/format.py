@@ -186,6 +186,31 @@ class ModelFile:
             raise ModelFileError(f"{self.path}: content hash mismatch, the file is corrupted")
 
 
+def _check_layout(path: Path, header: dict, model: dict, data_len: int) -> None:
+    """Every entry has a known dtype and fits its shape; buffers tile the data region exactly;
+    every tensor has a known kind and its required parts."""
+    end = 0
+    for name, e in header.items():
+        if e["dtype"] not in _ST_DTYPES:
+            raise ModelFileError(f"{path}: entry {name} has unknown dtype {e['dtype']!r}")
+        a, b = e["data_offsets"]
+        want = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[e["dtype"]]).itemsize
+        if b - a != want or a < 0:
+            raise ModelFileError(f"{path}: entry {name} has {b - a} bytes, its shape needs {want}")
+        end = max(end, b)
+    if end != data_len:
+        what = "truncated" if end > data_len else "longer than its header says"
+        raise ModelFileError(f"{path}: file is {what} (data region {data_len} bytes, header expects {end})")
+    str(model["arch"]), dict(model["config"])
+    for name, d in model["tensors"].items():
+        if d["kind"] not in packed.CODECS:
+            raise ModelFileError(f"{path}: tensor {name} has packed kind {d['kind']!r}, which this edgerun "
+                                 f"does not know (known: {', '.join(packed.CODECS)}); upgrade edgerun")
+        for p in packed.codec(d["kind"]).required():
+            if f"{name}.{p}" not in header:
+                raise ModelFileError(f"{path}: tensor {name} lacks its part {p!r}")
+
+
 def open_model(path: str | os.PathLike, verify: bool = False) -> ModelFile:
     """Open a .edr file, memory-mapping its weights. Structural checks always; the hash if ``verify``."""
     path = Path(path)
@@ -202,33 +227,21 @@ def open_model(path: str | os.PathLike, verify: bool = False) -> ModelFile:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-        meta = header.pop("__metadata__")
-        if meta.get("format") != "edgerun":
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict) or meta.get("format") != "edgerun":
             raise ModelFileError(f"{path}: a safetensors file, but not an edgerun model (no edgerun metadata)")
         version = int(meta["format_version"])
+        if version > FORMAT_VERSION:
+            raise ModelFileError(f"{path}: format version {version} is newer than this edgerun reads "
+                                 f"({FORMAT_VERSION}); upgrade edgerun")
         model = json.loads(meta["model"])
         tok = json.loads(meta["tokenizer"])
+        _check_layout(path, header, model, size - 8 - n)
     except ModelFileError:
         raise
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ModelFileError(f"{path}: header is corrupted ({type(e).__name__}: {e})") from None
-    if version > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: format version {version} is newer than this edgerun reads "
-                             f"({FORMAT_VERSION}); upgrade edgerun")
     data_len = size - 8 - n
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    if end != data_len:
-        what = "truncated" if end > data_len else "longer than its header says"
-        raise ModelFileError(f"{path}: file is {what} (data region {data_len} bytes, header expects {end})")
-    for name, d in model["tensors"].items():
-        for p in packed.codec(d["kind"]).parts:
-            e = header.get(f"{name}.{p}")
-            if e is None:
-                continue
-            a, b = e["data_offsets"]
-            want = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[e["dtype"]]).itemsize
-            if b - a != want:
-                raise ModelFileError(f"{path}: tensor {name}.{p} has {b - a} bytes, its shape needs {want}")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
     mf = ModelFile(path=path, arch=model["arch"], config=model["config"], tokenizer=tok,
                    descriptors=model["tensors"], content_hash=meta.get("content_hash", ""),

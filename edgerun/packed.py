@@ -90,6 +90,11 @@ class Codec:
     """A packed kind. ``pack`` returns (parts, params); ``unpack`` is its exact inverse on the grid."""
     kind: str
     parts: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    @classmethod
+    def required(cls) -> tuple[str, ...]:
+        return tuple(p for p in cls.parts if p not in cls.optional)
 
     @classmethod
     def pack(cls, w: np.ndarray, **params) -> tuple[dict[str, np.ndarray], dict]:
@@ -147,7 +152,7 @@ class Int8(Codec):
     @classmethod
     def pack(cls, w, group=None, **params):
         w = np.asarray(w, dtype=np.float32)
-        group = group or w.shape[1]
+        group = group or (w.shape[1] if w.ndim == 2 else 0)
         _check_groups(w, group, cls.kind)
         g = w.reshape(w.shape[0], -1, group)
         scales = np.abs(g).max(axis=2) / 127.0
@@ -184,6 +189,7 @@ def int4_deinterleave(qs: np.ndarray, group: int) -> np.ndarray:
 class Int4(Codec):
     kind = "int4"
     parts = ("qs", "scales", "mins")
+    optional = ("mins",)
 
     @classmethod
     def pack(cls, w, group=32, symmetric=True, **params):
@@ -196,7 +202,7 @@ class Int4(Codec):
             # q - 8 in -8..7; the largest magnitude maps to -8 so the full range is used
             idx = np.abs(g).argmax(axis=2)[..., None]
             peak = np.take_along_axis(g, idx, axis=2)[..., 0]
-            scales = (peak / -8.0).astype(np.float16)
+            scales = (peak / -8.0 + 0.0).astype(np.float16)      # + 0.0: an all-zero group gets +0, not -0
             s = scales.astype(np.float32)
             inv = np.where(s != 0, 1.0 / np.where(s != 0, s, 1), 0)
             q = np.clip(np.rint(g * inv[..., None]) + 8, 0, 15)
