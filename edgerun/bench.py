@@ -11,7 +11,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 _TEXT = ("The quick brown fox jumps over the lazy dog. Edge devices run language models "
          "close to their users, where memory bandwidth decides how fast each token comes. ")

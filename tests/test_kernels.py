@@ -1,0 +1,268 @@
+"""Every Numba CPU kernel against its NumPy *_ref twin, on awkward sizes.
+
+Sizes are chosen not to fit the kernels' blocking: 37 output rows (ROW_BLOCK is 16),
+inputs of 4096 + 32 / 4096 + 64 (one group past a power of two), head_dim 10, odd T.
+Float kernels are compared with a normalised error: |got - ref| / (|x| @ |W|.T) for
+matrix products (the scale of the accumulated terms), |got - ref| / max|ref| otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgerun import packed
+from edgerun.kernels_numba import attention as A
+from edgerun.kernels_numba import linear as L
+from edgerun.kernels_numba import ops as O
+
+ROWS = 37                     # not a multiple of linear.ROW_BLOCK
+N_G32 = 4096 + 32             # 129 groups of 32
+N_G64 = 4096 + 64             # 65 groups of 64
+N_ODD = 4096 + 16 + 3         # for per-channel int8 and dense kinds: no group structure at all
+
+GEMM_TOL = 2e-6               # float32 accumulation of ~4k terms, relative to sum |x_j w_j|
+                              # (observed <= 2.4e-7 on every kind)
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def check(got, ref, tol, norm=None, what=""):
+    """Assert max(|got - ref| / norm) < tol, printing max and mean error on failure."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    assert np.isfinite(got).all(), f"{what}: non-finite values in the kernel's output"
+    if norm is None:
+        norm = max(np.abs(ref).max(), 1e-30)
+    err = np.abs(got - ref) / norm
+    assert err.max() < tol, (f"{what}: max normalised error {err.max():.3e} (tolerance {tol:.1e}), "
+                             f"mean {err.mean():.3e}, at {np.unravel_index(err.argmax(), err.shape)}")
+
+
+def weights(n, rows=ROWS, seed=1):
+    w = rng(seed).normal(size=(rows, n)).astype(np.float32)
+    w[:, :7] *= 10.0                 # a few outlier columns, as real weights have
+    return w
+
+
+def with_scale_dtype(c, dtype):
+    """The same container with its scales (and mins) as float32 or as float16 bits (uint16).
+    Converting float32 scales to float16 rounds them; the reference unpacks the result."""
+    def conv(s):
+        if s.size == 0:
+            return np.zeros((0, 0), dtype=np.uint16 if dtype == "f16" else np.float32)
+        return packed.f16_bits(packed.scales_to_f32(s)) if dtype == "f16" else packed.scales_to_f32(s)
+    if isinstance(c, packed.Int8Weight):
+        return c._replace(scales=conv(c.scales))
+    return c._replace(scales=conv(c.scales), mins=conv(c.mins))
+
+
+def run_gemm(c, x):
+    out = np.full((x.shape[0], ROWS), np.nan, np.float32)
+    if isinstance(c, packed.Int4Weight):
+        L.gemm_int4(x, c.qs, c.scales, c.mins, c.group, out)
+    elif isinstance(c, packed.Int8Weight):
+        L.gemm_int8(x, c.q, c.scales, c.group, out)
+    else:
+        {"f32": L.gemm_f32, "f16": L.gemm_f16, "bf16": L.gemm_bf16}[c.dtype](x, c.w, out)
+    return out
+
+
+def run_embed(c, ids, dim):
+    out = np.full((ids.shape[0], dim), np.nan, np.float32)
+    if isinstance(c, packed.Int4Weight):
+        L.embed_int4(ids, c.qs, c.scales, c.mins, c.group, out)
+    elif isinstance(c, packed.Int8Weight):
+        L.embed_int8(ids, c.q, c.scales, c.group, out)
+    else:
+        {"f32": L.embed_f32, "f16": L.embed_f16, "bf16": L.embed_bf16}[c.dtype](ids, c.w, out)
+    return out
+
+
+def make(kind, n, scale_dtype="f32", **params):
+    """A packed container of a random (ROWS, n) weight."""
+    parts, p = packed.codec(kind).pack(weights(n), **params)
+    c = packed.codec(kind).container(parts, p)
+    return c if kind in ("f32", "f16", "bf16") else with_scale_dtype(c, scale_dtype)
+
+
+# (id, kind, input size, pack params, scale dtype)
+PACKINGS = [
+    ("f32", "f32", N_ODD, {}, None),
+    ("f16", "f16", N_ODD, {}, None),
+    ("bf16", "bf16", N_ODD, {}, None),
+    ("int8-channel-f32s", "int8", N_ODD, {}, "f32"),
+    ("int8-channel-f16s", "int8", N_ODD, {}, "f16"),
+    ("int8-g32-f32s", "int8", N_G32, {"group": 32}, "f32"),
+    ("int8-g32-f16s", "int8", N_G32, {"group": 32}, "f16"),
+    ("int4-sym-g32-f16s", "int4", N_G32, {"group": 32}, "f16"),
+    ("int4-sym-g32-f32s", "int4", N_G32, {"group": 32}, "f32"),
+    ("int4-sym-g64-f16s", "int4", N_G64, {"group": 64}, "f16"),
+    ("int4-min-g32-f16s", "int4", N_G32, {"group": 32, "symmetric": False}, "f16"),
+    ("int4-min-g32-f32s", "int4", N_G32, {"group": 32, "symmetric": False}, "f32"),
+    ("int4-min-g64-f16s", "int4", N_G64, {"group": 64, "symmetric": False}, "f16"),
+]
+
+
+@pytest.fixture(scope="module", params=PACKINGS, ids=[p[0] for p in PACKINGS])
+def packing(request):
+    _, kind, n, params, sdt = request.param
+    return make(kind, n, sdt or "f32", **params), n
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_gemm_matches_ref(packing, T):
+    c, n = packing
+    # a non-zero mean makes the int4 T=1 path's folded offset (s - 8 * sum x) cancel hard
+    x = (rng(T).normal(size=(T, n)) + 0.5).astype(np.float32)
+    w = packed.unpack(c)
+    ref = L.gemm_ref(x, w)
+    norm = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+    check(run_gemm(c, x), ref, GEMM_TOL, norm, f"gemm T={T}")
+
+
+def test_embed_matches_ref(packing):
+    c, n = packing
+    ids = np.array([36, 0, 5, 5, 17, 16, 31], dtype=np.int64)      # repeats, first and last rows
+    w = packed.unpack(c)
+    ref = L.embed_ref(ids, w)
+    got = run_embed(c, ids, n)
+    if isinstance(c, packed.Int4Weight):
+        # s * q + (-8 s) in the kernel vs (q - 8) * s in the reference: one rounding apart
+        check(got, ref, 1e-6, np.abs(w).max(axis=1)[ids][:, None], "embed int4")
+    else:
+        np.testing.assert_array_equal(got, ref, err_msg="embed is a gather: bit-exact")
+
+
+def test_embed_f16_decodes_every_half():
+    """half_to_float on all 65536 bit patterns: zeros, subnormals, normals, inf and NaN."""
+    w = np.arange(65536, dtype=np.uint32).astype(np.uint16)[None, :]
+    out = np.empty((1, 65536), np.float32)
+    L.embed_f16(np.zeros(1, np.int64), w, out)
+    ref = w.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert (np.isnan(out) == nan).all()
+    np.testing.assert_array_equal(out[~nan], ref[~nan])
+    assert (np.signbit(out[~nan]) == np.signbit(ref[~nan])).all(), "sign of -0.0"
+
+
+def test_gemm_int4_zero_scale_group():
+    """An all-zero group (scale 0) gives exact zeros, not NaN."""
+    w = weights(N_G32)
+    w[3] = 0.0
+    w[5, 32:64] = 0.0
+    for sym in (True, False):
+        parts, p = packed.Int4.pack(w, group=32, symmetric=sym)
+        c = packed.Int4.container(parts, p)
+        x = rng(3).normal(size=(7, N_G32)).astype(np.float32)
+        for xs in (x[:1], x):
+            got = run_gemm(c, xs)
+            assert (got[:, 3] == 0).all()
+            check(got, L.gemm_ref(xs, packed.unpack(c)), GEMM_TOL,
+                  np.abs(xs) @ np.abs(packed.unpack(c)).T + 1e-30, f"int4 zero group sym={sym}")
+
+
+# ------------------------------------------------------------------------------ ops
+
+@pytest.mark.parametrize("T,d", [(1, 4096 + 32 + 3), (7, 90)])
+def test_rms_norm(T, d):
+    r = rng(d)
+    x = (r.normal(size=(T, d)) * 3).astype(np.float32)
+    weight = r.normal(1.0, 0.2, size=d).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    O.rms_norm(x, weight, np.float32(1e-5), out)
+    check(out, O.rms_norm_ref(x, weight, 1e-5), 1e-5, what="rms_norm")
+
+
+def test_rms_norm_heads():
+    r = rng(5)
+    x = r.normal(size=(7, 6, 10)).astype(np.float32)
+    weight = r.normal(1.0, 0.2, size=10).astype(np.float32)
+    ref = O.rms_norm_ref(x, weight, 1e-6)       # the reference normalises over the last axis
+    got = x.copy()
+    O.rms_norm_heads(got, weight, np.float32(1e-6))
+    check(got, ref, 1e-5, what="rms_norm_heads")
+
+
+@pytest.mark.parametrize("d,rot,start,attn_scale", [(10, 10, 0, 1.0), (12, 12, 4093, 1.0), (12, 8, 0, 0.8)],
+                         ids=["full-d10", "far-positions", "partial-rot8-scaled"])
+def test_rope(d, rot, start, attn_scale):
+    T, H = 7, 3
+    r = rng(rot)
+    x = r.normal(size=(T, H, d)).astype(np.float32)
+    positions = np.arange(start, start + T, dtype=np.int64)
+    inv = (1.0 / 10000.0 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
+    ref = O.rope_ref(x, positions, inv, attn_scale)
+    got = x.copy()
+    O.rope(got, positions, inv, attn_scale)
+    check(got, ref, 1e-5, what="rope")
+    if rot < d:
+        # dims past the rotary part are left alone
+        np.testing.assert_array_equal(got[..., rot:], x[..., rot:])
+
+
+def test_silu_mul():
+    r = rng(9)
+    gate = (r.normal(size=(7, 4096 + 5)) * 4).astype(np.float32)
+    gate[0, :6] = [-1000.0, -90.0, 0.0, 90.0, 1000.0, -0.0]       # exp overflow on both sides
+    up = r.normal(size=gate.shape).astype(np.float32)
+    with np.errstate(over="ignore"):
+        ref = O.silu_mul_ref(gate, up)
+    out = np.full_like(gate, np.nan)
+    O.silu_mul(gate, up, out)
+    check(out, ref, 1e-6, what="silu_mul")
+    aliased = gate.copy()                      # the backend writes into gate
+    O.silu_mul(aliased, up, aliased)
+    np.testing.assert_array_equal(aliased, out)
+
+
+def test_add_inplace():
+    r = rng(11)
+    x = r.normal(size=(7, 90)).astype(np.float32)
+    y = r.normal(size=(7, 90)).astype(np.float32)
+    ref = x + y
+    O.add_inplace(x, y)
+    np.testing.assert_array_equal(x, ref)
+
+
+# ------------------------------------------------------------------------------ attention
+
+@pytest.mark.parametrize("H,Hk", [(4, 4), (6, 2), (5, 1)], ids=["mha", "gqa3", "mqa"])
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("start,T", [(0, 7), (9, 1), (9, 7)])
+def test_attention(H, Hk, window, start, T):
+    d, cap = 10, 32
+    r = rng(H * 100 + window * 10 + start + T)
+    L_ = start + T
+    q = r.normal(size=(T, H, d)).astype(np.float32)
+    k = (r.normal(size=(L_, Hk, d)) * 2).astype(np.float32)
+    v = r.normal(size=(L_, Hk, d)).astype(np.float32)
+    # the cache: earlier positions already there; past start + T, NaN that must never be read
+    kc = np.full((Hk, cap, d), np.nan, np.float32)
+    vc = np.full((Hk, cap, d), np.nan, np.float32)
+    kc[:, :start] = k[:start].transpose(1, 0, 2)
+    vc[:, :start] = v[:start].transpose(1, 0, 2)
+    A.store_kv(np.ascontiguousarray(k[start:]), np.ascontiguousarray(v[start:]), kc, vc, start)
+    np.testing.assert_array_equal(kc[:, :L_], k.transpose(1, 0, 2))
+    np.testing.assert_array_equal(vc[:, :L_], v.transpose(1, 0, 2))
+    assert np.isnan(kc[:, L_:]).all() and np.isnan(vc[:, L_:]).all()
+    scale = np.float32(d ** -0.5)
+    out = np.full_like(q, np.nan)
+    A.attention(q, kc, vc, start, scale, window, out)
+    check(out, A.attention_ref(q, k, v, start, float(scale), window), 1e-5, what="attention")
+
+
+def test_attention_window_one_is_identity_on_values():
+    """window 1: each query sees only its own position, so the output is that position's value."""
+    T, H, Hk, d = 5, 6, 2, 10
+    r = rng(4)
+    q = r.normal(size=(T, H, d)).astype(np.float32)
+    kc = r.normal(size=(Hk, 8, d)).astype(np.float32)
+    vc = r.normal(size=(Hk, 8, d)).astype(np.float32)
+    out = np.empty_like(q)
+    A.attention(q, kc, vc, 2, np.float32(0.3), 1, out)
+    for t in range(T):
+        for h in range(H):
+            np.testing.assert_allclose(out[t, h], vc[h // 3, 2 + t], rtol=1e-6)
