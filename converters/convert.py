@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgerun import format as edr
 from edgerun.errors import ConversionError, ModelFileError
+from edgerun.models.registry import family
 from edgerun.tokenizer import Tokenizer, gguf_metadata
 
 from . import gguf_file, hf
@@ -49,7 +50,8 @@ def convert(src, out, quant: str | None = None, group_size: int | None = None,
         cfg = hf.read_config(src)
         quant = quant or "f16"
         tok = Tokenizer.from_file(src).to_dict()
-        tensors = ((n, pack(n, w, quant, group)) for n, w in hf.iter_tensors(src, cfg))
+        keep = getattr(family(cfg["architecture"]), "KEEP_FLOAT", ())
+        tensors = ((n, pack(n, w, quant, group, keep)) for n, w in hf.iter_tensors(src, cfg))
         total = len(hf.open_weights(src))
     else:
         reader = gguf_file.open_gguf(src)

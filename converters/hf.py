@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 
 from edgerun.errors import ConversionError, UnsupportedArchitectureError
-from edgerun.models.registry import ARCHITECTURES
+from edgerun.models.registry import supported
 
 from .safetensors_io import SafetensorsFile
 
@@ -30,9 +30,9 @@ def normalize_config(cfg: dict, where) -> dict:
     """One spelling for transformers 4.x and 5.x configs: rope_theta / rope_scaling, dtype."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch not in ARCHITECTURES:
+    if arch not in supported():
         raise UnsupportedArchitectureError(
-            f"{where}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+            f"{where}: architecture {arch!r} is not supported (supported: {', '.join(supported())})")
     cfg = dict(cfg)
     rp = cfg.pop("rope_parameters", None)
     if isinstance(rp, dict):
@@ -84,8 +84,6 @@ def iter_tensors(src: Path, cfg: dict) -> Iterator[tuple[str, np.ndarray]]:
     names = [n for n in files if not n.endswith("rotary_emb.inv_freq")]
     if cfg.get("tie_word_embeddings") and "lm_head.weight" in names:
         names.remove("lm_head.weight")
-    if "model.embed_tokens.weight" not in names:
-        raise ConversionError(f"{src}: no model.embed_tokens.weight among the tensors")
     for n in sorted(names, key=_order):
         yield n, files[n].float32(n)
 

@@ -24,8 +24,9 @@ def check_quant(quant: str, group_size: int | None) -> None:
         raise ConversionError(f"--group-size {group_size} is not supported for int4 (choose 32, 64 or 128)")
 
 
-def kind_for(name: str, shape: tuple, quant: str, group: int) -> tuple[str, dict]:
-    if len(shape) != 2:
+def kind_for(name: str, shape: tuple, quant: str, group: int, keep_float=()) -> tuple[str, dict]:
+    """keep_float: name fragments of matrices that stay float32 (a family's KEEP_FLOAT, e.g. SSM A_log)."""
+    if len(shape) != 2 or any(k in name for k in keep_float):
         return "f32", {}
     if quant == "int4":
         if shape[1] % group == 0:
@@ -36,9 +37,9 @@ def kind_for(name: str, shape: tuple, quant: str, group: int) -> tuple[str, dict
     return quant, {}
 
 
-def pack(name: str, w32: np.ndarray, quant: str, group: int) -> PackedTensor:
+def pack(name: str, w32: np.ndarray, quant: str, group: int, keep_float=()) -> PackedTensor:
     """float32 weight -> PackedTensor of the kind the rules give."""
-    kind, params = kind_for(name, w32.shape, quant, group)
+    kind, params = kind_for(name, w32.shape, quant, group, keep_float)
     if kind == "f16":
         return PackedTensor("f16", w32.shape, {}, {"w": f16_bits(w32)})
     if kind == "bf16":

@@ -16,5 +16,11 @@ def load(model, device: str = "cpu", **kwargs):
     return _load(model, device=device, **kwargs)
 
 
-__all__ = ["load", "EdgerunError", "ModelFileError", "ConversionError", "InputError", "PullError",
+def load_state(path, model):
+    """A new state of ``model`` restored from a file written by ``state.save(path)``."""
+    from .cache.recurrent import load_state as _load_state
+    return _load_state(path, model)
+
+
+__all__ = ["load", "load_state", "EdgerunError", "ModelFileError", "ConversionError", "InputError", "PullError",
            "UnsupportedArchitectureError", "__version__"]

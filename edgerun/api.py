@@ -36,11 +36,11 @@ def open_any(model, quant: str | None = None, verify: bool = False) -> edr.Model
 
 
 def _weights(mf: edr.ModelFile) -> dict:
-    """name -> packed container; 1-D float32 tensors (norms, biases) as plain arrays."""
+    """name -> packed container; float32 tensors that are not matrices (norms, biases, convs) as arrays."""
     out = {}
     for name in mf.descriptors:
         c = mf.tensor(name)
-        out[name] = c.w if isinstance(c, DenseWeight) and c.dtype == "f32" and c.w.ndim == 1 else c
+        out[name] = c.w if isinstance(c, DenseWeight) and c.dtype == "f32" and c.w.ndim != 2 else c
     return out
 
 
@@ -67,7 +67,15 @@ class LLM:
         return self.model.max_context
 
     def new_state(self):
-        return self.model.new_state()
+        """An empty state: a KV cache for attention models, a fixed-size recurrent state otherwise."""
+        st = self.model.new_state()
+        if hasattr(st, "model_hash"):
+            st.model_hash = self.file.content_hash
+        return st
+
+    def fork(self, state):
+        """An independent copy of a state; both continue exactly as the original would."""
+        return state.fork()
 
     def _ids(self, ids, state) -> np.ndarray:
         a = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -13,6 +13,11 @@ import numpy as np
 from ..cache import KVState
 from .rope import inv_freq
 
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# tensors kept in float32 whatever --quant says (all vectors are, by the converter's rule)
+KEEP_FLOAT: tuple[str, ...] = ()
+
 
 @dataclass
 class ModelArgs:
