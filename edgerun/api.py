@@ -47,7 +47,7 @@ def _weights(mf: edr.ModelFile) -> dict:
 class LLM:
     """A loaded model: tokenizer, weights (memory-mapped) and the architecture's forward."""
 
-    def __init__(self, mf: edr.ModelFile, device: str = "cpu"):
+    def __init__(self, mf: edr.ModelFile, device: str = "cpu", kv_options: dict | None = None):
         self.file = mf
         self.config = mf.config
         self.device = device
@@ -55,6 +55,8 @@ class LLM:
         fam = family(mf.arch)
         self.args = fam.ModelArgs.from_dict(fam.Model.sanitize(mf.config))
         self.model = fam.Model(self.args, _weights(mf), self.ops)
+        if kv_options and hasattr(self.model, "kv_options"):
+            self.model.kv_options.update(kv_options)
         self.tokenizer = Tokenizer.from_dict(mf.tokenizer)
 
     # -- contract of DESIGN.md
@@ -144,9 +146,13 @@ class _LastLogits:
 
 
 def load(model, device: str = "cpu", *, quant: str | None = None, threads: int | None = None,
-         verify: bool = False) -> LLM:
-    """Load a .edr file, an HF directory, a .gguf file or a registry name (pulled on first use)."""
+         verify: bool = False, max_kv_bytes: int | None = None, kv_block_size: int | None = None) -> LLM:
+    """Load a .edr file, an HF directory, a .gguf file or a registry name (pulled on first use).
+
+    max_kv_bytes: the KV pool's size (default: one sequence of the full context);
+    kv_block_size: tokens per KV block (default 16)."""
     if threads:
         import numba
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    return LLM(open_any(model, quant=quant, verify=verify), device=device)
+    kv = {k: v for k, v in (("max_kv_bytes", max_kv_bytes), ("block_size", kv_block_size)) if v is not None}
+    return LLM(open_any(model, quant=quant, verify=verify), device=device, kv_options=kv)

@@ -15,8 +15,8 @@ class CPUBackend:
     name = "cpu"
 
     def __init__(self):
-        from edgerun.kernels_numba import attention, linear, ops
-        self._lin, self._ops, self._attn = linear, ops, attention
+        from edgerun.kernels_numba import linear, ops, paged_attention
+        self._lin, self._ops, self._attn = linear, ops, paged_attention
 
     # ---- matmuls
     def linear(self, x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
@@ -76,13 +76,14 @@ class CPUBackend:
         return x
 
     # ---- attention
-    def attention(self, q, k, v, state, layer, scale, window=0):
-        """Store k, v (T, n_kv, d) at the state's current length; attend q (T, H, d)."""
-        kc, vc = state.k[layer], state.v[layer]
+    def attention(self, q, k, v, state, layer, scale, window=0, softcap=0.0):
+        """Store k, v (T, n_kv, d) at the state's current length in its paged cache; attend q (T, H, d)."""
+        kp, vp, table = state.layer(layer)
         start = state.length
-        self._attn.store_kv(k, v, kc, vc, start)
+        self._attn.store_kv_paged(k, v, kp, vp, table, start)
         out = np.empty_like(q)
-        self._attn.attention(q, kc, vc, start, np.float32(scale), int(window), out)
+        self._attn.paged_attention(q, kp, vp, table, start, np.float32(scale), int(window),
+                                   np.float32(softcap), out)
         return out
 
 

@@ -24,6 +24,22 @@ def _model_args(p):
     p.add_argument("model", help="a .edr file, a name from `edgerun pull`, an HF directory or a .gguf file")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--kv-memory", type=_size, default=None, metavar="SIZE",
+                   help="KV cache pool, e.g. 512M or 2G (default: one sequence of the full context)")
+
+
+def _size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    t = text.strip().lower().rstrip("ib")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+
+
+def _load(a):
+    from . import load
+    return load(a.model, device=a.device, threads=a.threads, max_kv_bytes=a.kv_memory)
 
 
 def _gen_kwargs(a):
@@ -43,8 +59,7 @@ def cmd_convert(a):
 
 
 def cmd_run(a):
-    from . import load
-    m = load(a.model, device=a.device, threads=a.threads)
+    m = _load(a)
     for piece in m.generate(a.prompt, stream=True, chat=a.chat, **_gen_kwargs(a)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -52,8 +67,7 @@ def cmd_run(a):
 
 
 def cmd_chat(a):
-    from . import load
-    m = load(a.model, device=a.device, threads=a.threads)
+    m = _load(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print("edgerun chat: an empty line or Ctrl-D ends it.", file=sys.stderr)
     while True:
@@ -103,9 +117,8 @@ def cmd_inspect(a):
 
 
 def cmd_perplexity(a):
-    from . import load
     from .perplexity import perplexity
-    m = load(a.model, device=a.device, threads=a.threads)
+    m = _load(a)
     with open(a.file, encoding="utf-8") as f:
         text = f.read()
     r = perplexity(m, text, ctx=a.ctx, max_windows=a.max_windows, progress=True)

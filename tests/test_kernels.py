@@ -227,42 +227,69 @@ def test_add_inplace():
     np.testing.assert_array_equal(x, ref)
 
 
-# ------------------------------------------------------------------------------ attention
+# ------------------------------------------------------------------------------ paged attention
 
-@pytest.mark.parametrize("H,Hk", [(4, 4), (6, 2), (5, 1)], ids=["mha", "gqa3", "mqa"])
-@pytest.mark.parametrize("window", [0, 3])
-@pytest.mark.parametrize("start,T", [(0, 7), (9, 1), (9, 7)])
-def test_attention(H, Hk, window, start, T):
-    d, cap = 10, 32
-    r = rng(H * 100 + window * 10 + start + T)
+def paged_setup(k, v, bs, r, n_blocks=None):
+    """Scatter (L, Hk, d) keys/values into a shuffled pool of blocks of bs tokens; unused slots NaN."""
+    L_, Hk, d = k.shape
+    n_log = -(-L_ // bs)
+    n_blocks = n_blocks or n_log + 3
+    table = r.permutation(n_blocks)[:n_log].astype(np.int32)
+    kp = np.full((n_blocks, Hk, bs, d), np.nan, np.float32)
+    vp = np.full((n_blocks, Hk, bs, d), np.nan, np.float32)
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("H,Hk", [(4, 4), (6, 2), (5, 1)], ids=["gqa1", "gqa3", "mqa"])
+@pytest.mark.parametrize("window", [0, 3, 21], ids=["full", "win3", "win21"])
+@pytest.mark.parametrize("start,T", [(0, 19), (9, 1), (37, 1), (13, 11)])
+@pytest.mark.parametrize("bs", [4, 16])
+def test_paged_attention(H, Hk, window, start, T, bs):
+    """Across block boundaries, windows smaller and larger than a block, prefill lengths that are
+    not a multiple of the query tile (8), blocks scattered through the pool; never reads unused slots."""
+    from edgerun.kernels_numba import paged_attention as P
+    d = 10
+    r = rng(H * 1000 + window * 100 + start + T + bs)
     L_ = start + T
     q = r.normal(size=(T, H, d)).astype(np.float32)
     k = (r.normal(size=(L_, Hk, d)) * 2).astype(np.float32)
     v = r.normal(size=(L_, Hk, d)).astype(np.float32)
-    # the cache: earlier positions already there; past start + T, NaN that must never be read
-    kc = np.full((Hk, cap, d), np.nan, np.float32)
-    vc = np.full((Hk, cap, d), np.nan, np.float32)
-    kc[:, :start] = k[:start].transpose(1, 0, 2)
-    vc[:, :start] = v[:start].transpose(1, 0, 2)
-    A.store_kv(np.ascontiguousarray(k[start:]), np.ascontiguousarray(v[start:]), kc, vc, start)
-    np.testing.assert_array_equal(kc[:, :L_], k.transpose(1, 0, 2))
-    np.testing.assert_array_equal(vc[:, :L_], v.transpose(1, 0, 2))
-    assert np.isnan(kc[:, L_:]).all() and np.isnan(vc[:, L_:]).all()
+    kp, vp, table = paged_setup(k, v, bs, r)
+    P.store_kv_paged(k, v, kp, vp, table, 0)
+    np.testing.assert_array_equal(P.gather_ref(kp, table, L_), k)
+    np.testing.assert_array_equal(P.gather_ref(vp, table, L_), v)
     scale = np.float32(d ** -0.5)
     out = np.full_like(q, np.nan)
-    A.attention(q, kc, vc, start, scale, window, out)
-    check(out, A.attention_ref(q, k, v, start, float(scale), window), 1e-5, what="attention")
+    P.paged_attention(q, kp, vp, table, start, scale, window, np.float32(0), out)
+    check(out, A.attention_ref(q, k, v, start, float(scale), window), 1e-5, what="paged attention")
 
 
-def test_attention_window_one_is_identity_on_values():
+def test_paged_attention_softcap():
+    from edgerun.kernels_numba import paged_attention as P
+    T, H, Hk, d, bs = 5, 6, 2, 10, 4
+    r = rng(7)
+    q = (r.normal(size=(T, H, d)) * 3).astype(np.float32)
+    k = (r.normal(size=(T, Hk, d)) * 3).astype(np.float32)
+    v = r.normal(size=(T, Hk, d)).astype(np.float32)
+    kp, vp, table = paged_setup(k, v, bs, r)
+    P.store_kv_paged(k, v, kp, vp, table, 0)
+    out = np.empty_like(q)
+    P.paged_attention(q, kp, vp, table, 0, np.float32(0.5), 0, np.float32(5.0), out)
+    check(out, A.attention_ref(q, k, v, 0, 0.5, 0, softcap=5.0), 1e-5, what="softcap")
+
+
+def test_paged_attention_window_one_is_identity_on_values():
     """window 1: each query sees only its own position, so the output is that position's value."""
-    T, H, Hk, d = 5, 6, 2, 10
+    from edgerun.kernels_numba import paged_attention as P
+    T, H, Hk, d, bs = 5, 6, 2, 10, 4
     r = rng(4)
     q = r.normal(size=(T, H, d)).astype(np.float32)
-    kc = r.normal(size=(Hk, 8, d)).astype(np.float32)
-    vc = r.normal(size=(Hk, 8, d)).astype(np.float32)
+    k = r.normal(size=(T + 2, Hk, d)).astype(np.float32)
+    v = r.normal(size=(T + 2, Hk, d)).astype(np.float32)
+    kp, vp, table = paged_setup(k, v, bs, r)
+    P.store_kv_paged(k, v, kp, vp, table, 0)
     out = np.empty_like(q)
-    A.attention(q, kc, vc, 2, np.float32(0.3), 1, out)
+    P.paged_attention(q, kp, vp, table, 2, np.float32(0.3), 1, np.float32(0), out)
     for t in range(T):
         for h in range(H):
-            np.testing.assert_allclose(out[t, h], vc[h // 3, 2 + t], rtol=1e-6)
+            np.testing.assert_allclose(out[t, h], v[2 + t, h // 3], rtol=1e-6)

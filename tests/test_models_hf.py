@@ -372,7 +372,7 @@ def test_load_hf_directory_directly(hf_dir_factory):
 # ------------------------------------------------------------------------------ state
 
 def test_long_sequence_across_kv_growth(hf_dir_factory):
-    """Decode across the KV cache's capacity doubling (it starts at 256 positions)."""
+    """Decode across many blocks of the paged KV cache, prefill and steps mixed."""
     cls, cfg = CASES["llama-gqa-untied"]
     model, d = hf_dir_factory(cls, max_position_embeddings=1024, **cfg)
     m = convert_and_load(d, "f32")

@@ -1,5 +1,5 @@
-"""Model state: KV caches for attention models, fixed-size recurrent states for SSM/RNN models."""
-from .kv import KVState
+"""Model state: a paged KV cache for attention models, fixed-size recurrent states for SSM/RNN models."""
+from .paged import KVCacheFullError, PagedKV, PagedState
 from .recurrent import RecurrentState, load_state
 
-__all__ = ["KVState", "RecurrentState", "load_state"]
+__all__ = ["PagedKV", "PagedState", "KVCacheFullError", "RecurrentState", "load_state"]

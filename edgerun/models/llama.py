@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..cache import KVState
+from ..cache.paged import PagedKV, PagedState
 from .rope import inv_freq
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -78,7 +78,7 @@ class Attention:
             y += b
         return y
 
-    def __call__(self, x, positions, state: KVState, layer: int):
+    def __call__(self, x, positions, state: PagedState, layer: int):
         a, ops = self.args, self.ops
         T = x.shape[0]
         q = self._proj(x, self.q, self.q_bias).reshape(T, a.num_attention_heads, a.head_dim)
@@ -127,25 +127,32 @@ class Model:
         self.layers = [Block(args, weights, i, ops) for i in range(args.num_hidden_layers)]
         self.norm = weights["model.norm.weight"]
         self.head = weights.get("lm_head.weight", self.embed) if not args.tie_word_embeddings else self.embed
+        self.kv: PagedKV | None = None
+        self.kv_options: dict = {}          # max_kv_bytes, block_size (edgerun.load passes them)
 
     @property
     def max_context(self) -> int:
         return self.args.max_position_embeddings
 
-    def new_state(self) -> KVState:
-        a = self.args
-        return KVState(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.max_context)
+    def new_state(self) -> PagedState:
+        if self.kv is None:
+            a = self.args
+            self.kv = PagedKV([window_of(a, i) for i in range(a.num_hidden_layers)], a.num_key_value_heads,
+                              a.head_dim, self.max_context, **self.kv_options)
+        return self.kv.new_state()
 
-    def __call__(self, ids: np.ndarray, state: KVState, last_only: bool = False) -> np.ndarray:
-        """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only."""
+    def __call__(self, ids: np.ndarray, state: PagedState, last_only: bool = False) -> np.ndarray:
+        """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only.
+        With last_only, a prompt given to an empty state reuses prefix-cached blocks."""
+        if last_only and state.length == 0:
+            ids = ids[state.match_prefix(ids.tolist()):]
         T = ids.shape[0]
         state.reserve(T)
         positions = np.arange(state.length, state.length + T, dtype=np.int64)
         x = self.ops.embed(ids, self.embed, self.args.hidden_size)       # (T, hidden)
         for layer in self.layers:
             x = layer(x, positions, state)
-        state.length += T
-        state.tokens.extend(ids.tolist())
+        state.advance(ids.tolist())
         if last_only:
             x = x[-1:]
         return self.ops.linear(self.ops.rms_norm(x, self.norm, self.args.rms_norm_eps), self.head)

@@ -1,0 +1,288 @@
+"""Paged KV cache: one preallocated pool of fixed-size blocks, block tables per sequence.
+
+    pool.k, pool.v      (n_layers, n_blocks, n_kv_heads, block_size, head_dim) float32
+    state.tables[g]     logical block i of the sequence -> physical block in pool g (-1: freed)
+
+Layers are grouped by their attention window (0 = full attention); each group has its own
+pool, so the blocks of a windowed group can be freed as decoding moves past the window
+while the full-attention layers keep theirs (Gemma 3's 5 local : 1 global layers).
+
+Blocks are reference-counted: ``fork`` shares every block, and a write into a shared block
+copies it first (copy-on-write; only a sequence's last, partly filled block is ever written).
+A full block is registered in its pool's prefix cache under a hash of its tokens and of
+everything before it; a new sequence whose prompt starts with cached blocks reuses them and
+skips their prefill. Freed blocks that carry a hash stay cached until the pool needs them
+(least recently used first). When no block is left, ``KVCacheFullError`` says how much
+memory the cache has and how to raise it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from ..errors import EdgerunError, InputError
+
+DEFAULT_BLOCK = 16
+
+
+class KVCacheFullError(EdgerunError):
+    """The KV pool has no free block left (raise max_kv_bytes / --kv-memory, or run fewer sequences)."""
+
+
+class BlockPool:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, n_blocks: int):
+        shape = (n_layers, n_blocks, n_kv_heads, block_size, head_dim)
+        # np.zeros maps untouched pages lazily: an unused pool costs address space, not memory
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.block_size, self.n_blocks = block_size, n_blocks
+        self.refs = np.zeros(n_blocks, np.int32)
+        self.free = list(range(n_blocks - 1, -1, -1))    # a stack: recently freed (warm) blocks first
+        self.cached: OrderedDict[int, int] = OrderedDict()  # hash -> block, for free blocks still holding KV
+        self.hash_of: dict[int, int] = {}                 # block -> hash, for every registered block
+        self.by_hash: dict[int, int] = {}                 # hash -> block, registered blocks (live or cached)
+        self.hits = self.queries = 0
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.k[:, 0].nbytes
+
+    @property
+    def used_blocks(self) -> int:
+        return int((self.refs > 0).sum())
+
+    def allocate(self) -> int:
+        if self.free:
+            b = self.free.pop()
+        elif self.cached:
+            h, b = self.cached.popitem(last=False)        # evict the least recently used cached block
+            del self.by_hash[h], self.hash_of[b]
+        else:
+            raise KVCacheFullError(
+                f"KV cache is full: all {self.n_blocks} blocks of {self.block_size} tokens "
+                f"({self.n_blocks * self.bytes_per_block / 2**20:.0f} MiB) are in use; "
+                f"raise max_kv_bytes (--kv-memory) or run fewer/shorter sequences")
+        self.refs[b] = 1
+        return b
+
+    def retain(self, b: int) -> None:
+        self.refs[b] += 1
+
+    def release(self, b: int) -> None:
+        self.refs[b] -= 1
+        if self.refs[b] == 0:
+            h = self.hash_of.get(b)
+            if h is None:
+                self.free.append(b)
+            else:
+                self.cached[h] = b
+
+    def register(self, b: int, h: int) -> None:
+        """Block b now holds the full block whose prefix hash is h."""
+        if h in self.by_hash or b in self.hash_of:
+            return
+        self.by_hash[h], self.hash_of[b] = b, h
+
+    def lookup(self, h: int) -> int | None:
+        """A block holding the prefix h, retained for the caller; None if not cached."""
+        self.queries += 1
+        b = self.by_hash.get(h)
+        if b is None:
+            return None
+        self.hits += 1
+        if self.refs[b] == 0:
+            del self.cached[h]
+        self.refs[b] += 1
+        return b
+
+    def copy_block(self, src: int) -> int:
+        dst = self.allocate()
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        return dst
+
+
+class PagedKV:
+    """The KV pools of one model: one per group of layers sharing an attention window."""
+
+    def __init__(self, windows: list[int], n_kv_heads: int, head_dim: int, max_context: int,
+                 max_kv_bytes: int | None = None, block_size: int = DEFAULT_BLOCK):
+        if block_size <= 0:
+            raise InputError(f"block_size must be positive, got {block_size}")
+        self.block_size, self.max_context = block_size, max_context
+        self.windows = list(windows)
+        self.group_windows = sorted(set(windows))
+        # layer -> (its group, its index among the group's layers)
+        self.layer_slot = [(self.group_windows.index(w), windows[:j].count(w)) for j, w in enumerate(windows)]
+        per_block = [2 * windows.count(w) * n_kv_heads * block_size * head_dim * 4 for w in self.group_windows]
+        ctx_blocks = -(-max_context // block_size)
+        if max_kv_bytes is None:
+            # default: one sequence of the full context (a windowed group needs only its window)
+            blocks = [min(ctx_blocks, -(-w // block_size) + 2) if w else ctx_blocks for w in self.group_windows]
+        else:
+            share = max_kv_bytes / sum(per_block)                    # same block count in every group
+            blocks = [max(int(share), 1)] * len(self.group_windows)
+        self.pools = [BlockPool(windows.count(w), n_kv_heads, head_dim, block_size, n)
+                      for w, n in zip(self.group_windows, blocks)]
+
+    def new_state(self) -> "PagedState":
+        return PagedState(self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.k.nbytes + p.v.nbytes for p in self.pools)
+
+    def stats(self) -> dict:
+        bs = self.block_size
+        return {"block_size": bs, "blocks": [p.n_blocks for p in self.pools],
+                "used_blocks": [p.used_blocks for p in self.pools],
+                "prefix_hits": sum(p.hits for p in self.pools), "prefix_queries": sum(p.queries for p in self.pools)}
+
+
+def _block_hash(parent: int, tokens) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+class PagedState:
+    """One sequence's view of the paged KV cache."""
+
+    def __init__(self, kv: PagedKV):
+        self.kv = kv
+        self.length = 0
+        self.tokens: list[int] = []
+        self.tables = [np.full(16, -1, np.int32) for _ in kv.pools]
+        self.hashes: list[int] = []          # prefix hash of each full logical block
+
+    # ---- what the attention kernels see
+    def layer(self, layer: int):
+        """(k pool, v pool, block table) of a layer: (n_blocks, n_kv, block, head_dim) x2, (n_logical,)."""
+        g, i = self.kv.layer_slot[layer]
+        pool = self.kv.pools[g]
+        return pool.k[i], pool.v[i], self.tables[g]
+
+    @property
+    def n_logical(self) -> int:
+        return -(-self.length // self.kv.block_size)
+
+    # ---- growth
+    def reserve(self, n_new: int) -> None:
+        """Blocks for positions [length, length + n_new) in every group; copy shared ones first."""
+        bs = self.kv.block_size
+        first, last = self.length // bs, (self.length + n_new - 1) // bs
+        for g, pool in enumerate(self.kv.pools):
+            t = self._table(g, last + 1)
+            for lb in range(first, last + 1):
+                b = t[lb]
+                if b < 0:
+                    t[lb] = pool.allocate()
+                elif pool.refs[b] > 1:                  # shared with a fork: copy before writing
+                    t[lb] = pool.copy_block(b)
+                    pool.release(b)
+                elif b in pool.hash_of:                 # rewriting a registered block (after a rollback)
+                    pool.by_hash.pop(pool.hash_of.pop(b), None)
+
+    def _table(self, g: int, n: int) -> np.ndarray:
+        t = self.tables[g]
+        if n > t.size:
+            grown = np.full(max(n, 2 * t.size), -1, np.int32)
+            grown[:t.size] = t
+            self.tables[g] = t = grown
+        return t
+
+    def advance(self, ids) -> None:
+        """After the model wrote ids' keys and values: count them, register full blocks, free
+        blocks that every layer of a windowed group has moved past."""
+        bs = self.kv.block_size
+        self.tokens.extend(ids)
+        self.length += len(ids)
+        while len(self.hashes) < self.length // bs:
+            i = len(self.hashes)
+            h = _block_hash(self.hashes[-1] if self.hashes else 0, self.tokens[i * bs:(i + 1) * bs])
+            self.hashes.append(h)
+            for g, pool in enumerate(self.kv.pools):
+                if self.tables[g][i] >= 0:
+                    pool.register(int(self.tables[g][i]), h)
+        for g, w in enumerate(self.kv.group_windows):
+            if w:
+                # the next query sits at position length and sees keys > length - w
+                dead = max(0, (self.length - w + 1) // bs)
+                t, pool = self.tables[g], self.kv.pools[g]
+                for lb in range(dead):
+                    if t[lb] >= 0:
+                        pool.release(int(t[lb]))
+                        t[lb] = -1
+
+    def match_prefix(self, ids: list[int]) -> int:
+        """Reuse cached blocks for a prompt given to an empty state; returns how many of its tokens
+        are already in the cache (whole blocks, always leaving at least one token to compute)."""
+        if self.length:
+            return 0
+        bs, n, parent = self.kv.block_size, 0, 0
+        while (n + 1) * bs < len(ids):
+            h = _block_hash(parent, ids[n * bs:(n + 1) * bs])
+            if not all(h in p.by_hash for p in self.kv.pools):
+                break
+            for g, pool in enumerate(self.kv.pools):
+                self._table(g, n + 1)[n] = pool.lookup(h)
+            self.hashes.append(h)
+            parent, n = h, n + 1
+        self.length = n * bs
+        self.tokens = list(ids[:self.length])
+        if n:
+            self.advance([])             # frees windowed blocks the matched prefix has moved past
+        return self.length
+
+    # ---- fork, rollback, release
+    def fork(self) -> "PagedState":
+        """A new sequence sharing every block of this one (copy-on-write)."""
+        other = PagedState(self.kv)
+        other.length, other.tokens, other.hashes = self.length, list(self.tokens), list(self.hashes)
+        other.tables = [t.copy() for t in self.tables]
+        for g, pool in enumerate(self.kv.pools):
+            for b in other.tables[g][:self.n_logical]:
+                if b >= 0:
+                    pool.retain(int(b))
+        return other
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens (their blocks are reused or released)."""
+        if n < 0 or n > self.length:
+            raise InputError(f"cannot roll back {n} tokens of a {self.length}-token sequence")
+        bs = self.kv.block_size
+        target = self.length - n
+        if any(w and target < self.length - w for w in self.kv.group_windows):
+            raise InputError(f"cannot roll back {n} tokens: windowed layers keep only their last "
+                             f"{min(w for w in self.kv.group_windows if w)} tokens")
+        keep = -(-target // bs)
+        for g, pool in enumerate(self.kv.pools):
+            t = self.tables[g]
+            for lb in range(keep, self.n_logical):
+                if t[lb] >= 0:
+                    pool.release(int(t[lb]))
+                    t[lb] = -1
+        self.length = target
+        del self.tokens[target:]
+        del self.hashes[target // bs:]
+
+    def release(self) -> None:
+        """Give every block back to the pool (the state is empty afterwards)."""
+        for g, pool in enumerate(self.kv.pools):
+            t = self.tables[g]
+            for lb in range(self.n_logical):
+                if t[lb] >= 0:
+                    pool.release(int(t[lb]))
+            t[:] = -1
+        self.length, self.tokens, self.hashes = 0, [], []
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:        # interpreter shutdown: the pools may be gone already
+            pass
+
+    @property
+    def nbytes(self) -> int:
+        """KV memory this sequence holds (its blocks)."""
+        return sum(int((t[:self.n_logical] >= 0).sum()) * p.bytes_per_block
+                   for t, p in zip(self.tables, self.kv.pools))
