@@ -35,7 +35,15 @@ def normalize_config(cfg: dict, where) -> dict:
             f"{where}: architecture {arch!r} is not supported (supported: {', '.join(supported())})")
     cfg = dict(cfg)
     rp = cfg.pop("rope_parameters", None)
-    if isinstance(rp, dict):
+    if isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict):
+        # per layer type (Gemma 3): global rope for full attention, local base for sliding layers
+        full, local = rp["full_attention"], rp.get("sliding_attention") or {}
+        cfg["rope_theta"] = full.get("rope_theta", cfg.get("rope_theta"))
+        if "rope_theta" in local:
+            cfg["rope_local_base_freq"] = local["rope_theta"]
+        if full.get("rope_type", "default") != "default":
+            cfg["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    elif isinstance(rp, dict):
         if "rope_theta" in rp:
             cfg["rope_theta"] = rp["rope_theta"]
         if "partial_rotary_factor" in rp:

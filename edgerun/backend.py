@@ -71,6 +71,14 @@ class CPUBackend:
         self._ops.silu_mul(gate, up, gate)
         return gate
 
+    def gelu_tanh_mul(self, gate, up):
+        self._ops.gelu_tanh_mul(gate, up, gate)
+        return gate
+
+    def scale_(self, x, s):
+        x *= np.float32(s)
+        return x
+
     def add_(self, x, y):
         self._ops.add_inplace(x, y)
         return x

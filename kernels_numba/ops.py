@@ -61,6 +61,17 @@ def silu_mul(gate, up, out):
             out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * up[t, j]
 
 
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gelu_tanh_mul(gate, up, out):
+    """out = gelu(gate) * up with the tanh approximation (gelu_pytorch_tanh), all (T, d)."""
+    T, d = gate.shape
+    for t in prange(T):
+        for j in range(d):
+            g = gate[t, j]
+            inner = np.float32(0.7978845608028654) * (g + np.float32(0.044715) * g * g * g)
+            out[t, j] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)) * up[t, j]
+
+
 @njit(fastmath=FASTMATH, **JIT)
 def add_inplace(x, y):
     """x += y for (T, d) arrays."""
@@ -86,6 +97,11 @@ def rope_ref(x, positions, inv_freq, attn_scale=1.0):
     y[..., :half] = a * c - b * s
     y[..., half:2 * half] = b * c + a * s
     return y.astype(np.float32)
+
+
+def gelu_tanh_mul_ref(gate, up):
+    g = gate.astype(np.float64)
+    return (0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * up).astype(np.float32)
 
 
 def silu_mul_ref(gate, up):

@@ -62,7 +62,7 @@ def make_hf_model(model_cls: str, seed: int = 0, init_range: float = 0.1, **conf
     import torch
     import transformers
     arch = model_cls.replace("ForCausalLM", "")
-    cfg_cls = getattr(transformers, f"{arch}Config")
+    cfg_cls = getattr(transformers, {"Gemma3": "Gemma3TextConfig"}.get(arch, f"{arch}Config"))
     cfg = cfg_cls(**{**BASE, "initializer_range": init_range, **config})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)

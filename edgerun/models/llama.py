@@ -71,6 +71,7 @@ class Attention:
                                                   args.partial_rotary_factor)
         self.scale = args.head_dim ** -0.5
         self.window = window_of(args, layer)
+        self.softcap = 0.0                   # attention logit soft-capping (Gemma 2 style), 0 = off
 
     def _proj(self, x, w, b):
         y = self.ops.linear(x, w)
@@ -89,7 +90,7 @@ class Attention:
             ops.rms_norm_heads(k, self.k_norm, a.rms_norm_eps)
         ops.rope(q, positions, self.inv_freq, self.rope_scale)
         ops.rope(k, positions, self.inv_freq, self.rope_scale)
-        o = ops.attention(q, k, v, state, layer, self.scale, self.window)
+        o = ops.attention(q, k, v, state, layer, self.scale, self.window, self.softcap)
         return self._proj(o.reshape(T, -1), self.o, self.o_bias)
 
 
@@ -149,12 +150,16 @@ class Model:
         T = ids.shape[0]
         state.reserve(T)
         positions = np.arange(state.length, state.length + T, dtype=np.int64)
-        x = self.ops.embed(ids, self.embed, self.args.hidden_size)       # (T, hidden)
+        x = self.embed_tokens(ids)                                     # (T, hidden)
         for layer in self.layers:
             x = layer(x, positions, state)
         state.advance(ids.tolist())
-        if last_only:
-            x = x[-1:]
+        return self.logits(x[-1:] if last_only else x)
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return self.ops.embed(ids, self.embed, self.args.hidden_size)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
         return self.ops.linear(self.ops.rms_norm(x, self.norm, self.args.rms_norm_eps), self.head)
 
     @staticmethod
