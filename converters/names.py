@@ -25,13 +25,26 @@ GGUF_TO_HF = {
     "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
 }
 
-_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + r"\.(weight|bias)$"), v)
-             for k, v in GGUF_TO_HF.items()]
+# Gemma 3: four norms per block; llama.cpp's ffn_norm is the pre-feed-forward norm there
+GGUF_TO_HF_GEMMA3 = {
+    **GGUF_TO_HF,
+    "blk.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm",
+    "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm",
+}
 
 
-def gguf_to_hf(name: str) -> str | None:
+def _compile(table):
+    return [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + r"\.(weight|bias)$"), v)
+            for k, v in table.items()]
+
+
+_PATTERNS = {"default": _compile(GGUF_TO_HF), "gemma3_text": _compile(GGUF_TO_HF_GEMMA3)}
+
+
+def gguf_to_hf(name: str, model_type: str = "llama") -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None if unknown."""
-    for pat, hf in _PATTERNS:
+    for pat, hf in _PATTERNS.get(model_type, _PATTERNS["default"]):
         m = pat.match(name)
         if m:
             *idx, suffix = m.groups()

