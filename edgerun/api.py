@@ -27,12 +27,17 @@ def resolve(model: str | os.PathLike) -> Path:
 
 
 def open_any(model, quant: str | None = None, verify: bool = False) -> edr.ModelFile:
-    """Open a .edr, or convert an HF directory / .gguf file in memory."""
+    """Open a .edr, or convert an HF directory / .gguf / RWKV .pth / rwkv.cpp .bin file in memory."""
     p = resolve(model)
-    if p.is_dir() or p.suffix.lower() == ".gguf":
+    if p.is_dir() or p.suffix.lower() in (".gguf", ".pth", ".pt") or _is_rwkv_cpp(p):
         from edgerun.converters import convert_in_memory
         return convert_in_memory(p, quant=quant)
     return edr.open_model(p, verify=verify)
+
+
+def _is_rwkv_cpp(p: Path) -> bool:
+    from edgerun.converters.rwkv import source_kind
+    return p.suffix.lower() == ".bin" and source_kind(p) == "rwkv_cpp"
 
 
 def _weights(mf: edr.ModelFile) -> dict:
@@ -146,13 +151,18 @@ class _LastLogits:
 
 
 def load(model, device: str = "cpu", *, quant: str | None = None, threads: int | None = None,
-         verify: bool = False, max_kv_bytes: int | None = None, kv_block_size: int | None = None) -> LLM:
+         verify: bool = False, max_kv_bytes: int | None = None, kv_block_size: int | None = None,
+         free_out_of_window: bool | None = None, kv_dtype: str | None = None) -> LLM:
     """Load a .edr file, an HF directory, a .gguf file or a registry name (pulled on first use).
 
     max_kv_bytes: the KV pool's size (default: one sequence of the full context);
-    kv_block_size: tokens per KV block (default 16)."""
+    kv_block_size: tokens per KV block (default 16); free_out_of_window=False keeps the blocks
+    that sliding-window layers have moved past (only to measure what freeing them saves);
+    kv_dtype="int8" stores keys and values as int8 with a scale per token and head (about 3.8x
+    less KV memory for head_dim 64)."""
     if threads:
         import numba
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    kv = {k: v for k, v in (("max_kv_bytes", max_kv_bytes), ("block_size", kv_block_size)) if v is not None}
+    kv = {k: v for k, v in (("max_kv_bytes", max_kv_bytes), ("block_size", kv_block_size),
+                            ("free_out_of_window", free_out_of_window), ("dtype", kv_dtype)) if v is not None}
     return LLM(open_any(model, quant=quant, verify=verify), device=device, kv_options=kv)

@@ -47,14 +47,14 @@ def _jit_times(model: str, threads) -> dict:
 
 
 def bench(model: str, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 64,
-          repeats: int = 5, cold: bool = False) -> dict:
+          repeats: int = 5, cold: bool = False, **load_options) -> dict:
     import numba
 
     from . import load
     from .api import resolve
     path = str(resolve(model))
     t0 = time.perf_counter()
-    m = load(path, threads=threads)
+    m = load(path, threads=threads, **load_options)
     load_s = time.perf_counter() - t0
     ids = _prompt(m, prompt_tokens)
 
@@ -86,6 +86,7 @@ def bench(model: str, threads: int | None = None, prompt_tokens: int = 128, gen_
         "prefill_tok_s_all": prefill, "decode_tok_s_all": decode,
         "load_s": load_s, "first_token_s": first_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_options": load_options,
     }
     if cold:
         r["jit"] = _jit_times(path, threads)

@@ -26,6 +26,7 @@ def _model_args(p):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--kv-memory", type=_size, default=None, metavar="SIZE",
                    help="KV cache pool, e.g. 512M or 2G (default: one sequence of the full context)")
+    p.add_argument("--kv-int8", action="store_true", help="store keys/values as int8 (a scale per token and head)")
 
 
 def _size(text: str) -> int:
@@ -39,7 +40,8 @@ def _size(text: str) -> int:
 
 def _load(a):
     from . import load
-    return load(a.model, device=a.device, threads=a.threads, max_kv_bytes=a.kv_memory)
+    return load(a.model, device=a.device, threads=a.threads, max_kv_bytes=a.kv_memory,
+                kv_dtype="int8" if a.kv_int8 else None)
 
 
 def _gen_kwargs(a):
@@ -130,7 +132,9 @@ def cmd_perplexity(a):
 def cmd_bench(a):
     from .bench import bench, format_report
     r = bench(a.model, threads=a.threads, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
-              repeats=a.repeats, cold=a.cold)
+              repeats=a.repeats, cold=a.cold,
+              **{k: v for k, v in (("max_kv_bytes", a.kv_memory), ("kv_dtype", "int8" if a.kv_int8 else None))
+                 if v is not None})
     print(json.dumps(r, indent=1) if a.json else format_report(r))
 
 

@@ -10,6 +10,10 @@ each K/V block is read once for every query head sharing it (GQA) and every quer
 tile; the softmax is online, one rescale per block (flash-attention style), and no (T, L)
 score matrix exists. A window w > 0 limits query p to keys (p - w, p]; softcap > 0 applies
 softcap * tanh(score / softcap) (Gemma 2 style).
+
+int8 KV: the pools hold int8 and k_scale / v_scale (n_blocks, n_kv_heads, block) one float32
+scale per token per head (quantized=True); a float32 pool passes quantized=False and
+scales of shape (1, 1, 1), never read.
 """
 import numpy as np
 from numba import njit, prange
@@ -20,7 +24,7 @@ Q_TILE = 8
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def paged_attention(q, k_pool, v_pool, table, start, scale, window, softcap, out):
+def paged_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, start, scale, window, softcap, out):
     T, H, d = q.shape
     n_kv, bs = k_pool.shape[1], k_pool.shape[2]
     group = H // n_kv
@@ -55,8 +59,10 @@ def paged_attention(q, k_pool, v_pool, table, start, scale, window, softcap, out
                         kr = kb[j]
                         x = np.float32(0.0)
                         for c in range(d):
-                            x += qv[c] * kr[c]
+                            x += qv[c] * np.float32(kr[c])
                         x *= scale
+                        if quantized:
+                            x *= k_scale[b, kv, j]
                         if softcap > 0:
                             x = softcap * np.tanh(x / softcap)
                         s[r, j] = x
@@ -76,8 +82,10 @@ def paged_attention(q, k_pool, v_pool, table, start, scale, window, softcap, out
                         e = np.float32(np.exp(s[r, j] - m[r]))
                         den[r] += e
                         vr = vb[j]
+                        if quantized:
+                            e *= v_scale[b, kv, j]
                         for c in range(d):
-                            ar[c] += e * vr[c]
+                            ar[c] += e * np.float32(vr[c])
         for qi in range(nt):
             for hh in range(group):
                 r = qi * group + hh
@@ -99,8 +107,35 @@ def store_kv_paged(k, v, k_pool, v_pool, table, start):
             v_pool[b, h, j] = v[t, h]
 
 
-def gather_ref(pool, table, length):
+@njit(**JIT)
+def store_kv_paged_int8(k, v, k_pool, v_pool, k_scale, v_scale, table, start):
+    """Quantize new keys/values (T, n_kv, d) per token and head (absmax / 127) into int8 pools."""
+    T, n_kv, d = k.shape
+    bs = k_pool.shape[2]
+    for t in range(T):
+        b = table[(start + t) // bs]
+        j = (start + t) % bs
+        for h in range(n_kv):
+            _quantize_row(k[t, h], k_pool[b, h, j], k_scale, b, h, j)
+            _quantize_row(v[t, h], v_pool[b, h, j], v_scale, b, h, j)
+
+
+@njit(inline="always")
+def _quantize_row(x, q, scales, b, h, j):
+    amax = np.float32(0.0)
+    for c in range(x.shape[0]):
+        amax = max(amax, abs(x[c]))
+    s = amax / np.float32(127.0)
+    scales[b, h, j] = s
+    inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+    for c in range(x.shape[0]):
+        q[c] = np.int8(min(127.0, max(-127.0, np.rint(x[c] * inv))))
+
+
+def gather_ref(pool, table, length, scales=None):
     """NumPy: the (length, n_kv, d) keys or values of a sequence, in position order."""
     bs = pool.shape[2]
+    if scales is not None:
+        pool = pool.astype(np.float32) * scales[..., None]
     blocks = [pool[table[i]].transpose(1, 0, 2) for i in range(-(-length // bs))]   # (bs, n_kv, d) each
     return np.concatenate(blocks, axis=0)[:length]

@@ -260,8 +260,35 @@ def test_paged_attention(H, Hk, window, start, T, bs):
     np.testing.assert_array_equal(P.gather_ref(vp, table, L_), v)
     scale = np.float32(d ** -0.5)
     out = np.full_like(q, np.nan)
-    P.paged_attention(q, kp, vp, table, start, scale, window, np.float32(0), out)
+    ones = np.ones((1, 1, 1), np.float32)
+    P.paged_attention(q, kp, vp, ones, ones, False, table, start, scale, window, np.float32(0), out)
     check(out, A.attention_ref(q, k, v, start, float(scale), window), 1e-5, what="paged attention")
+
+
+@pytest.mark.parametrize("H,Hk", [(6, 2), (5, 1)], ids=["gqa3", "mqa"])
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_int8_kv(H, Hk, window):
+    """int8 blocks with a scale per token and head: the kernel equals the reference attention over
+    the dequantized keys/values, and those are within 1/254 of the originals per row."""
+    from edgerun.kernels_numba import paged_attention as P
+    d, bs, start, T = 10, 4, 6, 9
+    r = rng(H + window)
+    L_ = start + T
+    q = r.normal(size=(T, H, d)).astype(np.float32)
+    k = (r.normal(size=(L_, Hk, d)) * 2).astype(np.float32)
+    v = r.normal(size=(L_, Hk, d)).astype(np.float32)
+    n_blocks = -(-L_ // bs) + 2
+    table = r.permutation(n_blocks)[:-(-L_ // bs)].astype(np.int32)
+    kp = np.zeros((n_blocks, Hk, bs, d), np.int8)
+    vp = np.zeros_like(kp)
+    ks = np.zeros((n_blocks, Hk, bs), np.float32)
+    vs = np.zeros_like(ks)
+    P.store_kv_paged_int8(k, v, kp, vp, ks, vs, table, 0)
+    kd, vd = P.gather_ref(kp, table, L_, ks), P.gather_ref(vp, table, L_, vs)
+    assert np.abs(kd - k).max() <= np.abs(k).max(-1, keepdims=True).max() / 254 + 1e-6
+    out = np.empty_like(q)
+    P.paged_attention(q, kp, vp, ks, vs, True, table, start, np.float32(0.3), window, np.float32(0), out)
+    check(out, A.attention_ref(q, kd, vd, start, 0.3, window), 1e-5, what="int8 paged attention")
 
 
 def test_paged_attention_softcap():
@@ -274,7 +301,8 @@ def test_paged_attention_softcap():
     kp, vp, table = paged_setup(k, v, bs, r)
     P.store_kv_paged(k, v, kp, vp, table, 0)
     out = np.empty_like(q)
-    P.paged_attention(q, kp, vp, table, 0, np.float32(0.5), 0, np.float32(5.0), out)
+    ones = np.ones((1, 1, 1), np.float32)
+    P.paged_attention(q, kp, vp, ones, ones, False, table, 0, np.float32(0.5), 0, np.float32(5.0), out)
     check(out, A.attention_ref(q, k, v, 0, 0.5, 0, softcap=5.0), 1e-5, what="softcap")
 
 
@@ -289,7 +317,8 @@ def test_paged_attention_window_one_is_identity_on_values():
     kp, vp, table = paged_setup(k, v, bs, r)
     P.store_kv_paged(k, v, kp, vp, table, 0)
     out = np.empty_like(q)
-    P.paged_attention(q, kp, vp, table, 2, np.float32(0.3), 1, np.float32(0), out)
+    ones = np.ones((1, 1, 1), np.float32)
+    P.paged_attention(q, kp, vp, ones, ones, False, table, 2, np.float32(0.3), 1, np.float32(0), out)
     for t in range(T):
         for h in range(H):
             np.testing.assert_allclose(out[t, h], v[2 + t, h // 3], rtol=1e-6)

@@ -31,11 +31,16 @@ class KVCacheFullError(EdgerunError):
 
 
 class BlockPool:
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, n_blocks: int):
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, n_blocks: int,
+                 dtype: str = "f32"):
         shape = (n_layers, n_blocks, n_kv_heads, block_size, head_dim)
         # np.zeros maps untouched pages lazily: an unused pool costs address space, not memory
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = np.zeros(shape, np.int8 if dtype == "int8" else np.float32)
+        self.v = np.zeros_like(self.k)
+        # int8 blocks: one float32 scale per token per head; float pools carry a (1, 1, 1) stand-in
+        sshape = shape[:-1] if dtype == "int8" else (n_layers, 1, 1, 1)
+        self.k_scale = np.zeros(sshape, np.float32)
+        self.v_scale = np.zeros(sshape, np.float32)
         self.block_size, self.n_blocks = block_size, n_blocks
         self.refs = np.zeros(n_blocks, np.int32)
         self.free = list(range(n_blocks - 1, -1, -1))    # a stack: recently freed (warm) blocks first
@@ -46,7 +51,8 @@ class BlockPool:
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 * self.k[:, 0].nbytes
+        scales = 2 * self.k_scale[:, 0].nbytes if self.k.dtype == np.int8 else 0
+        return 2 * self.k[:, 0].nbytes + scales
 
     @property
     def used_blocks(self) -> int:
@@ -100,6 +106,9 @@ class BlockPool:
         dst = self.allocate()
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
+        if self.k.dtype == np.int8:
+            self.k_scale[:, dst] = self.k_scale[:, src]
+            self.v_scale[:, dst] = self.v_scale[:, src]
         return dst
 
 
@@ -107,23 +116,30 @@ class PagedKV:
     """The KV pools of one model: one per group of layers sharing an attention window."""
 
     def __init__(self, windows: list[int], n_kv_heads: int, head_dim: int, max_context: int,
-                 max_kv_bytes: int | None = None, block_size: int = DEFAULT_BLOCK):
+                 max_kv_bytes: int | None = None, block_size: int = DEFAULT_BLOCK,
+                 free_out_of_window: bool = True, dtype: str = "f32"):
         if block_size <= 0:
             raise InputError(f"block_size must be positive, got {block_size}")
+        if dtype not in ("f32", "int8"):
+            raise InputError(f"KV cache dtype must be f32 or int8, got {dtype!r}")
+        self.dtype = dtype
         self.block_size, self.max_context = block_size, max_context
+        self.free_out_of_window = free_out_of_window     # False: keep every block (to measure the saving)
         self.windows = list(windows)
         self.group_windows = sorted(set(windows))
         # layer -> (its group, its index among the group's layers)
         self.layer_slot = [(self.group_windows.index(w), windows[:j].count(w)) for j, w in enumerate(windows)]
-        per_block = [2 * windows.count(w) * n_kv_heads * block_size * head_dim * 4 for w in self.group_windows]
+        per_token = head_dim * 4 if dtype == "f32" else head_dim + 4          # int8 values + a float32 scale
+        per_block = [2 * windows.count(w) * n_kv_heads * block_size * per_token for w in self.group_windows]
         ctx_blocks = -(-max_context // block_size)
         if max_kv_bytes is None:
             # default: one sequence of the full context (a windowed group needs only its window)
-            blocks = [min(ctx_blocks, -(-w // block_size) + 2) if w else ctx_blocks for w in self.group_windows]
+            blocks = [min(ctx_blocks, -(-w // block_size) + 2) if w and free_out_of_window else ctx_blocks
+                      for w in self.group_windows]
         else:
             share = max_kv_bytes / sum(per_block)                    # same block count in every group
             blocks = [max(int(share), 1)] * len(self.group_windows)
-        self.pools = [BlockPool(windows.count(w), n_kv_heads, head_dim, block_size, n)
+        self.pools = [BlockPool(windows.count(w), n_kv_heads, head_dim, block_size, n, dtype)
                       for w, n in zip(self.group_windows, blocks)]
 
     def new_state(self) -> "PagedState":
@@ -131,7 +147,7 @@ class PagedKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.k.nbytes + p.v.nbytes for p in self.pools)
+        return sum(p.n_blocks * p.bytes_per_block for p in self.pools)
 
     def stats(self) -> dict:
         bs = self.block_size
@@ -156,10 +172,11 @@ class PagedState:
 
     # ---- what the attention kernels see
     def layer(self, layer: int):
-        """(k pool, v pool, block table) of a layer: (n_blocks, n_kv, block, head_dim) x2, (n_logical,)."""
+        """(k pool, v pool, k scales, v scales, block table) of a layer:
+        (n_blocks, n_kv, block, head_dim) x2, (n_blocks, n_kv, block) x2 (int8) or (1, 1, 1), (n_logical,)."""
         g, i = self.kv.layer_slot[layer]
         pool = self.kv.pools[g]
-        return pool.k[i], pool.v[i], self.tables[g]
+        return pool.k[i], pool.v[i], pool.k_scale[i], pool.v_scale[i], self.tables[g]
 
     @property
     def n_logical(self) -> int:
@@ -204,7 +221,7 @@ class PagedState:
                 if self.tables[g][i] >= 0:
                     pool.register(int(self.tables[g][i]), h)
         for g, w in enumerate(self.kv.group_windows):
-            if w:
+            if w and self.kv.free_out_of_window:
                 # the next query sits at position length and sees keys > length - w
                 dead = max(0, (self.length - w + 1) // bs)
                 t, pool = self.tables[g], self.kv.pools[g]
