@@ -165,3 +165,13 @@ def test_int8_kv_close_to_float_kv(tiny_edr):
     steps = np.concatenate([m.step(st, ids[:7])] + [m.step(st, [t]) for t in ids[7:]])
     assert rel_err(steps, b) < 1e-5                      # the same quantized cache either way
     assert ref.model.kv.pools[0].bytes_per_block / m.model.kv.pools[0].bytes_per_block == 3.0
+
+
+def test_chunked_prefill_equals_one_pass(tiny_edr):
+    """Inputs longer than the prefill chunk run in chunks: the same logits, all of them or the last."""
+    m = edgerun.load(tiny_edr, kv_block_size=4)
+    ids = ids_of(40, 5)
+    whole = m.forward(ids)
+    m.model.PREFILL_CHUNK = 7
+    assert rel_err(m.forward(ids), whole) < TOL
+    assert rel_err(m.step(m.new_state(), ids, last_only=True), whole[-1:]) < TOL

@@ -133,9 +133,10 @@ class PagedKV:
         per_block = [2 * windows.count(w) * n_kv_heads * block_size * per_token for w in self.group_windows]
         ctx_blocks = -(-max_context // block_size)
         if max_kv_bytes is None:
-            # default: one sequence of the full context (a windowed group needs only its window)
-            blocks = [min(ctx_blocks, -(-w // block_size) + 2) if w and free_out_of_window else ctx_blocks
-                      for w in self.group_windows]
+            # default: one sequence of the full context in every group. The pools are mapped lazily
+            # and freed blocks are reused first, so a windowed group touches only about
+            # window + one prefill chunk of it.
+            blocks = [ctx_blocks] * len(self.group_windows)
         else:
             share = max_kv_bytes / sum(per_block)                    # same block count in every group
             blocks = [max(int(share), 1)] * len(self.group_windows)

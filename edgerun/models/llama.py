@@ -142,11 +142,22 @@ class Model:
                               a.head_dim, self.max_context, **self.kv_options)
         return self.kv.new_state()
 
+    PREFILL_CHUNK = 512
+
     def __call__(self, ids: np.ndarray, state: PagedState, last_only: bool = False) -> np.ndarray:
         """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only.
-        With last_only, a prompt given to an empty state reuses prefix-cached blocks."""
+        With last_only, a prompt given to an empty state reuses prefix-cached blocks. Long inputs
+        run in chunks of PREFILL_CHUNK tokens: activations stay small, and sliding-window layers
+        free their old blocks between chunks, so their KV memory stays about window + chunk."""
         if last_only and state.length == 0:
             ids = ids[state.match_prefix(ids.tolist()):]
+        c = self.PREFILL_CHUNK
+        if ids.shape[0] > c:
+            parts = [self._forward(ids[i:i + c], state, last_only) for i in range(0, ids.shape[0], c)]
+            return parts[-1] if last_only else np.concatenate(parts)
+        return self._forward(ids, state, last_only)
+
+    def _forward(self, ids: np.ndarray, state: PagedState, last_only: bool) -> np.ndarray:
         T = ids.shape[0]
         state.reserve(T)
         positions = np.arange(state.length, state.length + T, dtype=np.int64)
