@@ -110,6 +110,8 @@ def _gemma_child(free: bool, ctx: int) -> None:
 def gemma_rss(ctx: int = 8192) -> None:
     from edgerun.registry import pull
     pull("gemma3-270m", quiet=True)
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {sys.path[0]!r}); import kv_cache; "
+                    "kv_cache._gemma_child(True, 600)"], capture_output=True)      # fills the Numba cache
     for free in (True, False):
         code = f"import sys; sys.path.insert(0, {sys.path[0]!r}); import kv_cache; kv_cache._gemma_child({free}, {ctx})"
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -36,7 +36,7 @@ class BlockPool:
         shape = (n_layers, n_blocks, n_kv_heads, block_size, head_dim)
         # np.zeros maps untouched pages lazily: an unused pool costs address space, not memory
         self.k = np.zeros(shape, np.int8 if dtype == "int8" else np.float32)
-        self.v = np.zeros_like(self.k)
+        self.v = np.zeros(shape, self.k.dtype)          # not zeros_like: that writes every page
         # int8 blocks: one float32 scale per token per head; float pools carry a (1, 1, 1) stand-in
         sshape = shape[:-1] if dtype == "int8" else (n_layers, 1, 1, 1)
         self.k_scale = np.zeros(sshape, np.float32)
