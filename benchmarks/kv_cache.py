@@ -98,12 +98,16 @@ def decode(contexts=(256, 2048, 8192), n: int = 32, threads: int = 2, llamacpp: 
 def _gemma_child(free: bool, ctx: int) -> None:
     import edgerun
     m = edgerun.load("gemma3-270m", free_out_of_window=free)
+    with open("/proc/self/statm") as f:
+        rss_load = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     ids = (m.tokenizer.encode("The history of the city goes back many centuries. " * (ctx // 8 + 1)))[:ctx]
     st = m.new_state()
     for i in range(0, len(ids), 512):                     # chunked prefill keeps activations small
         m.step(st, ids[i:i + 512], last_only=True)
+    with open("/proc/self/statm") as f:
+        rss_now = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     print(json.dumps({"bench": "gemma3_rss", "context": ctx, "free_out_of_window": free,
-                      "kv_held_mib": st.nbytes / 2**20,
+                      "kv_held_mib": st.nbytes / 2**20, "rss_after_mib": rss_now, "rss_after_load_mib": rss_load,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -63,7 +63,8 @@ class BlockPool:
             b = self.free.pop()
         elif self.cached:
             h, b = self.cached.popitem(last=False)        # evict the least recently used cached block
-            del self.by_hash[h], self.hash_of[b]
+            self.by_hash.pop(h, None)
+            self.hash_of.pop(b, None)
         else:
             raise KVCacheFullError(
                 f"KV cache is full: all {self.n_blocks} blocks of {self.block_size} tokens "
@@ -89,6 +90,12 @@ class BlockPool:
         if h in self.by_hash or b in self.hash_of:
             return
         self.by_hash[h], self.hash_of[b] = b, h
+
+    def unregister(self, b: int) -> None:
+        """Block b leaves the prefix cache (its release then returns it to the free list)."""
+        h = self.hash_of.pop(b, None)
+        if h is not None:
+            self.by_hash.pop(h, None)
 
     def lookup(self, h: int) -> int | None:
         """A block holding the prefix h, retained for the caller; None if not cached."""
@@ -228,6 +235,9 @@ class PagedState:
                 t, pool = self.tables[g], self.kv.pools[g]
                 for lb in range(dead):
                     if t[lb] >= 0:
+                        # not kept for prefix reuse: the next allocation takes this (warm) block back
+                        # instead of touching a fresh one, which is what bounds the memory
+                        pool.unregister(int(t[lb]))
                         pool.release(int(t[lb]))
                         t[lb] = -1
 
