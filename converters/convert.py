@@ -25,17 +25,20 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _source_kind(src: Path) -> str:
+    from . import rwkv
+    if rwkv.source_kind(src):             # BlinkDL .pth, rwkv.cpp .bin, HF Rwkv{,5,6}ForCausalLM directory
+        return "rwkv"
     if src.is_dir():
         return "hf"
     if src.suffix.lower() == ".gguf":
         return "gguf"
     if not src.exists():
         raise ModelFileError(f"{src}: no such file or directory")
-    raise ConversionError(f"{src}: not a Hugging Face directory or a .gguf file")
+    raise ConversionError(f"{src}: not a Hugging Face directory, a .gguf file, an RWKV .pth or an rwkv.cpp file")
 
 
 def convert(src, out, quant: str | None = None, group_size: int | None = None,
-            progress: bool = True) -> str:
+            progress: bool = True, rwkv_options: dict | None = None) -> str:
     """Convert ``src`` into the model file ``out`` (written to a temp file, then renamed).
 
     quant: f32 | f16 | bf16 | int8 | int4; default f16 for HF directories and, for GGUF,
@@ -46,6 +49,9 @@ def convert(src, out, quant: str | None = None, group_size: int | None = None,
     kind = _source_kind(src)
     check_quant(quant or "f16", group_size)
     group = group_size or DEFAULT_GROUP
+    if kind == "rwkv":
+        from .rwkv import convert_rwkv
+        return convert_rwkv(src, out, quant, group, **(rwkv_options or {}))
     if kind == "hf":
         cfg = hf.read_config(src)
         quant = quant or "f16"

@@ -104,6 +104,9 @@ class Tokenizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
+        if d.get("kind"):                       # byte-level / RWKV World vocabularies (tokenizer_rwkv)
+            from edgerun.tokenizer_rwkv import from_dict
+            return from_dict(d)
         return cls(tokenizers.Tokenizer.from_str(d["tokenizer_json"]), bos_id=d["bos_id"],
                    eos_ids=d["eos_ids"], add_bos=d["add_bos"], chat_template=d.get("chat_template"))
 

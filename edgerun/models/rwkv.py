@@ -1,0 +1,295 @@
+"""RWKV v4, v5 (5.0 / 5.1 / 5.2), v6 and v7, chosen by config["version"].
+
+    x = ln0(emb[ids])
+    per layer:  x = x + time_mix(ln1(x), state)      token shift, r/k/v(/g/w/a) projections, WKV, (ln_x,) output
+                x = x + channel_mix(ln2(x), state)   token shift, relu(k)^2, value (gated by sigmoid(r) before v7)
+    logits = head(ln_out(x))
+
+Tensor names are BlinkDL's (blocks.{i}.att.key.weight ...), with the converter's canonical forms
+(converters/rwkv.py): mixing vectors and time_* flattened to (C,) / (H,); time_first of v5/v6
+stored as the real bonus ``time_faaaa``; LoRA matrices (v6 time_maa_w1, time_decay_w1/w2, v7
+w1/w2, a1/a2, v1/v2, g1/g2) stored as linear weights (out, in); v6 time_maa_w2 as (5, D, C).
+Decays are turned into their per-step form here, in float64, once at load.
+
+State (RecurrentState, per layer): att_x and ffn_x (the last ln1 / ln2 output, for the token
+shift) and the WKV state: aa, bb, pp (C,) for v4; wkv (H, N, N) for v5-v7.
+
+Kernels (backend ops, kernels_numba/wkv.py): shift_mix (token shift + every lerp of a layer in one
+pass), wkv4 / wkv6 (v5 and v6) / v7_tail (v7's whole time mixing between its projections, WKV
+included), layer_norm, group_norm (ln_x). Each takes the whole chunk of tokens: prefill and decode
+are the same call. Small float32 LoRA matrices go through BLAS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ..cache import RecurrentState
+
+ARCHITECTURES = ("RwkvForCausalLM", "Rwkv5ForCausalLM", "Rwkv6ForCausalLM", "Rwkv7ForCausalLM")
+MODEL_TYPES = ("rwkv", "rwkv4", "rwkv5", "rwkv6", "rwkv7")
+# LoRA matrices of v6/v7 are small and sensitive: they stay float32 whatever --quant says
+KEEP_FLOAT: tuple[str, ...] = ("att.w1", "att.w2", "att.a1", "att.a2", "att.v1", "att.v2", "att.g1",
+                               "att.g2", "time_maa_w", "time_decay_w")
+VERSIONS = ("4", "5", "5.1", "5.2", "6", "7")
+ARCH_OF_VERSION = {"4": "RwkvForCausalLM", "5": "Rwkv5ForCausalLM", "5.1": "Rwkv5ForCausalLM",
+                   "5.2": "Rwkv5ForCausalLM", "6": "Rwkv6ForCausalLM", "7": "Rwkv7ForCausalLM"}
+
+
+@dataclass
+class ModelArgs:
+    version: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    head_size: int = 0                    # 0 for v4
+    attention_hidden_size: int | None = None   # v4 may use an attention width != hidden_size
+    layer_norm_epsilon: float = 1e-5
+    lnx_eps: float = 64e-5                # ln_x GroupNorm epsilon (BlinkDL 64e-5; rwkv.cpp v5 1e-5)
+    max_context: int = 1 << 30            # a recurrent model has no context limit; this bounds positions only
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        args.version = str(args.version)
+        if args.version not in VERSIONS:
+            raise ValueError(f"unknown RWKV version {args.version!r} (known: {', '.join(VERSIONS)})")
+        return args
+
+    @property
+    def n_heads(self) -> int:
+        return self.hidden_size // self.head_size if self.head_size else 0
+
+
+def _sigmoid(x):
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+
+
+def _lora(w):
+    """A small float32 LoRA matrix (out, in) as a NumPy (in, out) array: BLAS beats waking the
+    kernel threads for matrices this small. Quantized ones stay packed for ops.linear."""
+    if getattr(w, "dtype", None) == "f32" and hasattr(w, "w"):
+        return np.ascontiguousarray(np.asarray(w.w).T)
+    return w
+
+
+def _mm(ops, x, w):
+    return x @ w if isinstance(w, np.ndarray) else ops.linear(x, w)
+
+
+class TimeMix:
+    def __init__(self, args: ModelArgs, w: dict, i: int, ops):
+        self.args, self.ops, self.i = args, ops, i
+        p = f"blocks.{i}.att."
+        v = args.version
+        self.r, self.k, self.v, self.o = (w[p + n + ".weight"] for n in ("receptance", "key", "value", "output"))
+        self.g = w.get(p + "gate.weight")
+        C = args.hidden_size
+        if v in ("4", "5", "5.1", "5.2"):
+            names = ["time_mix_r", "time_mix_k", "time_mix_v"] + (["time_mix_g"] if self.g is not None else [])
+            # BlinkDL: x*mix + sx*(1-mix) == x + (sx-x)*(1-mix)
+            self.mix = np.stack([1.0 - w[p + n] for n in names]).astype(np.float32)      # (M, C)
+        if v == "4":
+            self.u = np.asarray(w[p + "time_first"], np.float32)
+            self.w = (-np.exp(w[p + "time_decay"].astype(np.float64))).astype(np.float32)
+        elif v in ("5", "5.1", "5.2"):
+            N = args.head_size
+            rep = 1 if w[p + "time_decay"].size == C else N      # 5.0/5.1: one decay per head
+            self.u = np.repeat(np.asarray(w[p + "time_faaaa"], np.float32), rep)
+            self.w = np.exp(-np.exp(np.repeat(w[p + "time_decay"].astype(np.float64), rep))).astype(np.float32)
+        elif v == "6":
+            self.u = np.asarray(w[p + "time_faaaa"], np.float32)
+            self.maa_x = np.asarray(w[p + "time_maa_x"], np.float32)
+            self.maa = np.stack([w[p + f"time_maa_{n}"] for n in "wkvrg"]).astype(np.float32)   # (5, C)
+            self.maa_w1, self.maa_w2 = _lora(w[p + "time_maa_w1"]), w[p + "time_maa_w2"]  # (5D, C) ; (5, D, C)
+            self.decay = np.asarray(w[p + "time_decay"], np.float32)
+            self.decay_w1, self.decay_w2 = _lora(w[p + "time_decay_w1"]), _lora(w[p + "time_decay_w2"])
+        elif v == "7":
+            self.mix = np.stack([w[p + "x_" + n] for n in "rwkvag"]).astype(np.float32)  # (6, C)
+            self.w0, self.a0, self.k_k, self.k_a, self.r_k = (w[p + n] for n in ("w0", "a0", "k_k", "k_a", "r_k"))
+            self.w1, self.w2, self.a1, self.a2, self.g1, self.g2 = (_lora(w[p + n]) for n in ("w1", "w2", "a1", "a2", "g1", "g2"))
+            self.v0 = w.get(p + "v0")
+            self.v1, self.v2 = (_lora(w[p + n]) if p + n in w else None for n in ("v1", "v2"))
+        if v != "4":
+            self.lnx_w, self.lnx_b = w[p + "ln_x.weight"], w[p + "ln_x.bias"]
+        if v == "7":
+            self.tail_params = tuple(np.ascontiguousarray(x, np.float32) for x in (
+                self.w0, self.a0, self.v0 if self.v0 is not None else np.zeros(C, np.float32),
+                self.k_k, self.k_a, self.r_k, self.lnx_w, self.lnx_b))
+
+    def __call__(self, xx, state: RecurrentState, v_first):
+        """xx: ln1 output (T, C). Returns (the block's time-mix output (T, C), v_first)."""
+        a, ops, i = self.args, self.ops, self.i
+        prev = state["att_x"][i]
+        ver = a.version
+        if ver == "6":
+            out = self._v6(xx, prev, state)
+        elif ver == "7":
+            out, v_first = self._v7(xx, prev, state, v_first)
+        else:
+            mixed = ops.shift_mix(xx, prev, self.mix)                     # (M, T, C): r, k, v(, g)
+            r = ops.linear(mixed[0], self.r)
+            k = ops.linear(mixed[1], self.k)
+            v = ops.linear(mixed[2], self.v)
+            if ver == "4":
+                y = ops.wkv4(k, v, self.u, self.w, state["aa"][i], state["bb"][i], state["pp"][i])
+                out = ops.linear(_sigmoid(r) * y, self.o)
+            else:
+                T = xx.shape[0]
+                w = np.broadcast_to(self.w, (T, a.hidden_size))
+                y = ops.wkv6(r, k, v, w, self.u, state["wkv"][i])
+                y = ops.group_norm(y, a.n_heads, self.lnx_w, self.lnx_b, a.lnx_eps)
+                if self.g is not None:
+                    g = ops.linear(mixed[3], self.g)
+                    y *= g * _sigmoid(g)                                   # silu gate
+                out = ops.linear(y, self.o)
+        prev[...] = xx[-1]
+        return out, v_first
+
+    def _v6(self, xx, prev, state):
+        a, ops = self.args, self.ops
+        T, C = xx.shape
+        D = self.maa_w2.shape[1]
+        base = ops.shift_mix(xx, prev, self.maa_x[None])[0]                    # xx + (x[t-1] - xx) * maa_x
+        lora = np.tanh(_mm(ops, base, self.maa_w1)).reshape(T, 5, D)           # (T, 5, D)
+        dyn = np.matmul(lora.transpose(1, 0, 2), self.maa_w2)                 # (5, T, C)
+        wx, kx, vx, rx, gx = ops.shift_mix_dyn(xx, prev, self.maa, dyn)        # (5, T, C)
+        r = ops.linear(rx, self.r)
+        k = ops.linear(kx, self.k)
+        v = ops.linear(vx, self.v)
+        g = ops.linear(gx, self.g)
+        d = self.decay + _mm(ops, np.tanh(_mm(ops, wx, self.decay_w1)), self.decay_w2)
+        w = np.exp(-np.exp(d))
+        y = ops.wkv6(r, k, v, w, self.u, state["wkv"][self.i])
+        y = ops.group_norm(y, a.n_heads, self.lnx_w, self.lnx_b, a.lnx_eps)
+        y *= g * _sigmoid(g)
+        return ops.linear(y, self.o)
+
+    def _v7(self, xx, prev, state, v_first):
+        a, ops = self.args, self.ops
+        xr, xw, xk, xv, xa, xg = ops.shift_mix(xx, prev, self.mix)
+        r = ops.linear(xr, self.r)
+        wl = _mm(ops, np.tanh(_mm(ops, xw, self.w1)), self.w2)
+        k = ops.linear(xk, self.k)
+        v = ops.linear(xv, self.v)
+        al = _mm(ops, _mm(ops, xa, self.a1), self.a2)
+        g = _mm(ops, _sigmoid(_mm(ops, xg, self.g1)), self.g2)
+        if v_first is None:                                   # layer 0: its v is every layer's v_first
+            vl = vfirst = _EMPTY
+        else:
+            vl, vfirst = _mm(ops, _mm(ops, xv, self.v1), self.v2), v_first
+        # decay, iclr, removal key, k/v updates, WKV, ln_x, bonus and gate in one kernel call
+        y = ops.v7_tail(r, wl, k, v, al, vl, vfirst, g, self.tail_params, a.lnx_eps, state["wkv"][self.i])
+        return ops.linear(y, self.o), (v if v_first is None else v_first)
+
+
+_EMPTY = np.zeros((0, 0), np.float32)
+
+
+class ChannelMix:
+    def __init__(self, args: ModelArgs, w: dict, i: int, ops):
+        self.args, self.ops, self.i = args, ops, i
+        p = f"blocks.{i}.ffn."
+        self.k, self.v = w[p + "key.weight"], w[p + "value.weight"]
+        self.r = w.get(p + "receptance.weight")
+        ver = args.version
+        if ver == "7":
+            self.mix = np.asarray(w[p + "x_k"], np.float32)[None]                       # (1, C)
+        elif ver == "6":
+            self.mix = np.stack([w[p + "time_maa_k"], w[p + "time_maa_r"]]).astype(np.float32)
+        else:
+            self.mix = np.stack([1.0 - w[p + "time_mix_k"], 1.0 - w[p + "time_mix_r"]]).astype(np.float32)
+
+    def __call__(self, xx, state: RecurrentState):
+        ops = self.ops
+        prev = state["ffn_x"][self.i]
+        mixed = ops.shift_mix(xx, prev, self.mix)
+        prev[...] = xx[-1]
+        k = ops.linear(mixed[0], self.k)
+        np.maximum(k, 0, out=k)
+        k *= k
+        out = ops.linear(k, self.v)
+        if self.r is not None:
+            out *= _sigmoid(ops.linear(mixed[1], self.r))
+        return out
+
+
+class Block:
+    def __init__(self, args, w, i, ops):
+        p = f"blocks.{i}."
+        self.ops, self.eps = ops, args.layer_norm_epsilon
+        self.ln1 = (w[p + "ln1.weight"], w[p + "ln1.bias"])
+        self.ln2 = (w[p + "ln2.weight"], w[p + "ln2.bias"])
+        self.att = TimeMix(args, w, i, ops)
+        self.ffn = ChannelMix(args, w, i, ops)
+
+    def __call__(self, x, state, v_first):
+        ops = self.ops
+        h, v_first = self.att(ops.layer_norm(x, *self.ln1, self.eps), state, v_first)
+        x = ops.add_(x, h)
+        x = ops.add_(x, self.ffn(ops.layer_norm(x, *self.ln2, self.eps), state))
+        return x, v_first
+
+
+class Model:
+    """RWKV. ``weights`` maps BlinkDL names to packed containers; vectors as float32 arrays."""
+
+    def __init__(self, args: ModelArgs, weights: dict, ops):
+        self.args, self.ops = args, ops
+        w = weights
+        self.emb = w["emb.weight"]
+        self.ln0 = (w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"])
+        self.layers = [Block(args, w, i, ops) for i in range(args.num_hidden_layers)]
+        self.ln_out = (w["ln_out.weight"], w["ln_out.bias"])
+        self.head = w["head.weight"]
+
+    @property
+    def max_context(self) -> int:
+        return self.args.max_context
+
+    def state_spec(self) -> dict:
+        a = self.args
+        C = a.hidden_size
+        spec = {"att_x": (C,), "ffn_x": (C,)}
+        if a.version == "4":
+            A = a.attention_hidden_size or C
+            spec.update(aa=(A,), bb=(A,), pp=(A,))
+        else:
+            spec["wkv"] = (a.n_heads, a.head_size, a.head_size)
+        return spec
+
+    def new_state(self) -> RecurrentState:
+        return RecurrentState(self.state_spec(), self.args.num_hidden_layers)
+
+    # long prompts run in chunks: exact for a recurrence, and activations stay (chunk, width)
+    PREFILL_CHUNK = 512
+
+    def __call__(self, ids: np.ndarray, state: RecurrentState, last_only: bool = False) -> np.ndarray:
+        """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only."""
+        n = self.PREFILL_CHUNK
+        if ids.shape[0] > n:
+            outs = [self._run(ids[i:i + n], state, last_only) for i in range(0, ids.shape[0], n)]
+            state.checkpoint()
+            return outs[-1] if last_only else np.concatenate(outs)
+        out = self._run(ids, state, last_only)
+        state.checkpoint()
+        return out
+
+    def _run(self, ids, state, last_only):
+        ops, a = self.ops, self.args
+        x = ops.layer_norm(ops.embed(ids, self.emb, a.hidden_size), *self.ln0, a.layer_norm_epsilon)  # (T, C)
+        v_first = None
+        for layer in self.layers:
+            x, v_first = layer(x, state, v_first)
+        state.length += ids.shape[0]
+        if last_only:
+            x = x[-1:]
+        return ops.linear(ops.layer_norm(x, *self.ln_out, a.layer_norm_epsilon), self.head)
+
+    @staticmethod
+    def sanitize(config: dict) -> dict:
+        return dict(config)
+

@@ -1,0 +1,386 @@
+"""RWKV kernels: the WKV recurrences of RWKV v4, v5/v6 and v7, LayerNorm and the ln_x GroupNorm.
+
+Each WKV kernel takes a whole sequence (T, C) and the layer's state, walks the tokens in order
+and updates the state in place: T == 1 is the decode step, T > 1 prefill, one compiled call
+either way. Channels (v4) or heads (v5-v7) are independent: ``wkv*`` splits them across
+threads, ``wkv*_serial`` (the same loop body) runs them on one, for decode steps too small to
+pay for waking threads. Norms and the token shift are cheap and always serial.
+
+State layouts (float32, owned by edgerun.cache.RecurrentState):
+    v4     aa, bb, pp (C,)        numerator, denominator and their shared exponent; bb == 0
+                                   means "no history" (the zeroed state), whatever pp holds
+    v5/v6  s (H, N, N)            s[h, j, i]: key channel j, value channel i (BlinkDL's layout)
+    v7     s (H, N, N)            s[h, i, j]: value channel i, key channel j (BlinkDL's layout)
+
+Inner loops index slices with the loop counter (see linear.py): head slices are taken once per
+(head, token) so LLVM vectorises the loops over a head's channels.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._common import FASTMATH, JIT
+
+
+# ------------------------------------------------------------------ v4
+
+@njit(inline="always")
+def _wkv4_channel(c, k, v, u, w, aa, bb, pp, out):
+    a, b, p = aa[c], bb[c], pp[c]
+    if b == 0.0:                          # empty history: its exponent is -inf
+        p = np.float32(-1e38)
+    uc, wc = u[c], w[c]
+    for t in range(k.shape[0]):
+        kk, vv = k[t, c], v[t, c]
+        ww = uc + kk
+        q = max(p, ww)
+        e1, e2 = np.exp(p - q), np.exp(ww - q)
+        out[t, c] = (e1 * a + e2 * vv) / (e1 * b + e2)
+        ww = p + wc
+        q = max(ww, kk)
+        e1, e2 = np.exp(ww - q), np.exp(kk - q)
+        a = e1 * a + e2 * vv
+        b = e1 * b + e2
+        p = q
+    aa[c], bb[c], pp[c] = a, b, p
+
+
+@njit(parallel=True, **JIT)
+def wkv4(k, v, u, w, aa, bb, pp, out):
+    """RWKV-4 with the stable exponent trick.  k, v, out (T, C); u = time_first, w = -exp(time_decay) (C,)."""
+    for c in prange(k.shape[1]):
+        _wkv4_channel(c, k, v, u, w, aa, bb, pp, out)
+
+
+@njit(**JIT)
+def wkv4_serial(k, v, u, w, aa, bb, pp, out):
+    """wkv4 on one thread (decode: too little work to pay for waking threads)."""
+    for c in range(k.shape[1]):
+        _wkv4_channel(c, k, v, u, w, aa, bb, pp, out)
+
+
+# ------------------------------------------------------------------ v5 / v6
+
+@njit(inline="always", fastmath=FASTMATH)
+def _wkv6_head(h, r, k, v, w, u, s, out):
+    N = s.shape[1]
+    sh = s[h]
+    lo, hi = h * N, (h + 1) * N
+    for t in range(r.shape[0]):
+        rt, kt, vt, wt, ut = r[t, lo:hi], k[t, lo:hi], v[t, lo:hi], w[t, lo:hi], u[lo:hi]
+        ot = out[t, lo:hi]
+        for i in range(N):
+            ot[i] = 0.0
+        for j in range(N):
+            row = sh[j]
+            kj, rj, uj, wj = kt[j], rt[j], ut[j], wt[j]
+            for i in range(N):
+                kv = kj * vt[i]
+                ot[i] += rj * (uj * kv + row[i])
+                row[i] = kv + wj * row[i]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def wkv6(r, k, v, w, u, s, out):
+    """RWKV-5/6 per-head matrix state.  r, k, v, w, out (T, C); u (C,); s (H, N, N) [key, value].
+
+        out_t[i] = sum_j r_t[j] (u[j] k_t[j] v_t[i] + s[j, i]);   s[j, i] = k_t[j] v_t[i] + w_t[j] s[j, i]
+    w is the per-step decay in (0, 1): constant over t for v5 (pass it repeated), data-dependent for v6.
+    """
+    for h in prange(s.shape[0]):
+        _wkv6_head(h, r, k, v, w, u, s, out)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def wkv6_serial(r, k, v, w, u, s, out):
+    for h in range(s.shape[0]):
+        _wkv6_head(h, r, k, v, w, u, s, out)
+
+
+# ------------------------------------------------------------------ v7
+
+@njit(inline="always", fastmath=FASTMATH)
+def _wkv7_head(h, r, w, k, v, a, b, s, out):
+    N = s.shape[1]
+    sh = s[h]
+    lo, hi = h * N, (h + 1) * N
+    for t in range(r.shape[0]):
+        rt, wt, kt, at, bt = r[t, lo:hi], w[t, lo:hi], k[t, lo:hi], a[t, lo:hi], b[t, lo:hi]
+        vt, ot = v[t, lo:hi], out[t, lo:hi]
+        for i in range(N):
+            row = sh[i]
+            sa = np.float32(0.0)
+            for j in range(N):
+                sa += row[j] * at[j]
+            vi = vt[i]
+            y = np.float32(0.0)
+            for j in range(N):
+                x = row[j] * wt[j] + sa * bt[j] + vi * kt[j]
+                row[j] = x
+                y += x * rt[j]
+            ot[i] = y
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def wkv7(r, w, k, v, a, b, s, out):
+    """RWKV-7 generalised delta rule.  r, w, k, v, a, b, out (T, C); s (H, N, N) [value, key].
+
+        s = s diag(w_t) + (s a_t) b_t^T + v_t k_t^T;   out_t = s r_t
+    with a = -kk (the normalised removal key) and b = kk * iclr, as in BlinkDL's RWKV7_OP.
+    """
+    for h in prange(s.shape[0]):
+        _wkv7_head(h, r, w, k, v, a, b, s, out)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def wkv7_serial(r, w, k, v, a, b, s, out):
+    for h in range(s.shape[0]):
+        _wkv7_head(h, r, w, k, v, a, b, s, out)
+
+
+# ------------------------------------------------------------------ v7, fused time-mix tail
+
+@njit(inline="always", fastmath=FASTMATH)
+def _sigm(x):
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _v7_tail_head(h, r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b, eps, s, out):
+    N = s.shape[1]
+    sh = s[h]
+    lo, hi = h * N, (h + 1) * N
+    mix_v = vfirst.shape[0] > 0
+    w = np.empty(N, np.float32)
+    a = np.empty(N, np.float32)
+    b = np.empty(N, np.float32)
+    w0h, a0h, v0h, kkh, kah, rkh = w0[lo:hi], a0[lo:hi], v0[lo:hi], k_k[lo:hi], k_a[lo:hi], r_k[lo:hi]
+    lw, lb = lnx_w[lo:hi], lnx_b[lo:hi]
+    for t in range(r.shape[0]):
+        rt, kt, vt, gt, ot = r[t, lo:hi], k[t, lo:hi], v[t, lo:hi], g[t, lo:hi], out[t, lo:hi]
+        wlt, alt = wl[t, lo:hi], al[t, lo:hi]
+        nrm = np.float32(0.0)
+        for j in range(N):
+            kk = kt[j] * kkh[j]
+            a[j] = kk
+            nrm += kk * kk
+        nrm = max(np.sqrt(nrm), np.float32(1e-12))
+        bonus = np.float32(0.0)
+        for j in range(N):
+            iclr = _sigm(a0h[j] + alt[j])
+            kk = a[j] / nrm
+            a[j] = -kk
+            b[j] = kk * iclr
+            w[j] = np.exp(np.float32(-0.606531) * _sigm(w0h[j] + wlt[j]))
+            kt[j] = kt[j] * (np.float32(1.0) + (iclr - np.float32(1.0)) * kah[j])
+            bonus += rt[j] * kt[j] * rkh[j]
+        if mix_v:
+            vft, vlt = vfirst[t, lo:hi], vl[t, lo:hi]
+            for i in range(N):
+                vt[i] = vt[i] + (vft[i] - vt[i]) * _sigm(v0h[i] + vlt[i])
+        for i in range(N):                         # the WKV step, out = s r
+            row = sh[i]
+            sa = np.float32(0.0)
+            for j in range(N):
+                sa += row[j] * a[j]
+            vi = vt[i]
+            y = np.float32(0.0)
+            for j in range(N):
+                x = row[j] * w[j] + sa * b[j] + vi * kt[j]
+                row[j] = x
+                y += x * rt[j]
+            ot[i] = y
+        m = 0.0                                    # ln_x over the head, bonus, gate
+        for i in range(N):
+            m += ot[i]
+        m /= N
+        var = 0.0
+        for i in range(N):
+            var += (ot[i] - m) ** 2
+        inv = 1.0 / np.sqrt(var / N + eps)
+        for i in range(N):
+            y = np.float32((ot[i] - m) * inv) * lw[i] + lb[i]
+            ot[i] = (y + bonus * vt[i]) * gt[i]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def v7_tail(r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b, eps, s, out):
+    """Everything of RWKV-7's time mixing between the projections and the output matrix, per head:
+    decay exp(-e^-0.5 sigmoid(w0 + wl)), iclr sigmoid(a0 + al), the normalised removal key, the
+    k and v (value residual, when vfirst is non-empty) updates, the WKV step, ln_x, the r.k.r_k
+    bonus and the gate.  k and v are updated in place (v is the layer's v_first at layer 0).
+    All (T, C) but the (C,) parameters; vl, vfirst may be (0, 0) at layer 0; s (H, N, N)."""
+    for h in prange(s.shape[0]):
+        _v7_tail_head(h, r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b, eps, s, out)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def v7_tail_serial(r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b, eps, s, out):
+    for h in range(s.shape[0]):
+        _v7_tail_head(h, r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b, eps, s, out)
+
+
+# ------------------------------------------------------------------ norms
+
+@njit(**JIT)
+def layer_norm(x, weight, bias, eps, out):
+    """out[t] = (x[t] - mean) / sqrt(var + eps) * weight + bias.   x, out (T, d)."""
+    T, d = x.shape
+    for t in range(T):
+        xt, ot = x[t], out[t]
+        m = 0.0
+        for j in range(d):
+            m += xt[j]
+        m /= d
+        var = 0.0
+        for j in range(d):
+            var += (xt[j] - m) ** 2
+        inv = 1.0 / np.sqrt(var / d + eps)
+        for j in range(d):
+            ot[j] = np.float32((xt[j] - m) * inv) * weight[j] + bias[j]
+
+
+@njit(**JIT)
+def group_norm(x, groups, weight, bias, eps, out):
+    """ln_x: LayerNorm over each of ``groups`` equal slices of a row (torch.nn.functional.group_norm
+    on a (T, C) input).  x, out (T, C); weight, bias (C,)."""
+    T, C = x.shape
+    n = C // groups
+    for t in range(T):
+        for g in range(groups):
+            xg, og = x[t, g * n:(g + 1) * n], out[t, g * n:(g + 1) * n]
+            wg, bg = weight[g * n:(g + 1) * n], bias[g * n:(g + 1) * n]
+            m = 0.0
+            for j in range(n):
+                m += xg[j]
+            m /= n
+            var = 0.0
+            for j in range(n):
+                var += (xg[j] - m) ** 2
+            inv = 1.0 / np.sqrt(var / n + eps)
+            for j in range(n):
+                og[j] = np.float32((xg[j] - m) * inv) * wg[j] + bg[j]
+
+
+# ------------------------------------------------------------------ token shift + mixing
+
+@njit(fastmath=FASTMATH, **JIT)
+def shift_mix(x, prev, mix, out):
+    """Token shift and lerp in one pass: out[m, t] = x[t] + (x[t-1] - x[t]) * mix[m], x[-1] = prev.
+
+    x (T, C); prev (C,) the last row of the previous call; mix (M, C); out (M, T, C).
+    BlinkDL's v4/v5 ``x*mix + sx*(1-mix)`` is this with mix' = 1 - mix (the caller passes it)."""
+    T, C = x.shape
+    M = mix.shape[0]
+    for t in range(T):
+        xt = x[t]
+        st = prev if t == 0 else x[t - 1]
+        for m in range(M):
+            mm, ot = mix[m], out[m, t]
+            for c in range(C):
+                ot[c] = xt[c] + (st[c] - xt[c]) * mm[c]
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def shift_mix_dyn(x, prev, mix, dyn, out):
+    """RWKV-6's data-dependent lerps: out[m, t] = x[t] + (x[t-1] - x[t]) * (mix[m] + dyn[m, t]).
+    x (T, C); prev (C,); mix (M, C); dyn, out (M, T, C)."""
+    T, C = x.shape
+    for t in range(T):
+        xt = x[t]
+        st = prev if t == 0 else x[t - 1]
+        for m in range(mix.shape[0]):
+            mm, dt, ot = mix[m], dyn[m, t], out[m, t]
+            for c in range(C):
+                ot[c] = xt[c] + (st[c] - xt[c]) * (mm[c] + dt[c])
+
+
+# ------------------------------------------------------------------ references
+
+def wkv4_ref(k, v, u, w, aa, bb, pp):
+    """NumPy twin of wkv4 in float64 without the exponent trick's state: returns (out, aa, bb, pp)."""
+    k, v = k.astype(np.float64), v.astype(np.float64)
+    a, b, p = aa.astype(np.float64), bb.astype(np.float64), pp.astype(np.float64).copy()
+    p = np.where(b == 0, -1e300, p)
+    out = np.empty_like(k)
+    for t in range(k.shape[0]):
+        ww = u + k[t]
+        q = np.maximum(p, ww)
+        e1, e2 = np.exp(p - q), np.exp(ww - q)
+        out[t] = (e1 * a + e2 * v[t]) / (e1 * b + e2)
+        ww = p + w
+        q = np.maximum(ww, k[t])
+        e1, e2 = np.exp(ww - q), np.exp(k[t] - q)
+        a, b, p = e1 * a + e2 * v[t], e1 * b + e2, q
+    return out.astype(np.float32), a.astype(np.float32), b.astype(np.float32), p.astype(np.float32)
+
+
+def wkv6_ref(r, k, v, w, u, s):
+    """NumPy twin of wkv6 (BlinkDL's att_one_v5/v6 per token): returns (out, s)."""
+    T, C = r.shape
+    H, N = s.shape[:2]
+    s = s.astype(np.float64).copy()
+    out = np.empty((T, C))
+    uh = u.reshape(H, N, 1)
+    for t in range(T):
+        rt, kt, vt = r[t].reshape(H, 1, N), k[t].reshape(H, N, 1), v[t].reshape(H, 1, N)
+        kv = kt @ vt                                              # (H, N, N)
+        out[t] = (rt @ (uh * kv + s)).reshape(C)
+        s = kv + w[t].reshape(H, N, 1) * s
+    return out.astype(np.float32), s.astype(np.float32)
+
+
+def wkv7_ref(r, w, k, v, a, b, s):
+    """NumPy twin of wkv7 (rwkv_v7_numpy's state update per token): returns (out, s)."""
+    T, C = r.shape
+    H, N = s.shape[:2]
+    s = s.astype(np.float64).copy()
+    out = np.empty((T, C))
+    for t in range(T):
+        rt, wt, kt, vt, at, bt = (z[t].reshape(H, N, 1).astype(np.float64) for z in (r, w, k, v, a, b))
+        s = s * wt.transpose(0, 2, 1) + (s @ at) @ bt.transpose(0, 2, 1) + vt @ kt.transpose(0, 2, 1)
+        out[t] = (s @ rt).reshape(C)
+    return out.astype(np.float32), s.astype(np.float32)
+
+
+def layer_norm_ref(x, weight, bias, eps):
+    x = x.astype(np.float64)
+    m = x.mean(-1, keepdims=True)
+    return ((x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps) * weight + bias).astype(np.float32)
+
+
+def group_norm_ref(x, groups, weight, bias, eps):
+    T, C = x.shape
+    g = x.astype(np.float64).reshape(T, groups, C // groups)
+    m = g.mean(-1, keepdims=True)
+    y = (g - m) / np.sqrt(((g - m) ** 2).mean(-1, keepdims=True) + eps)
+    return (y.reshape(T, C) * weight + bias).astype(np.float32)
+
+
+def shift_mix_ref(x, prev, mix):
+    sx = np.concatenate([prev[None], x[:-1]])
+    return np.stack([x + (sx - x) * m for m in mix]).astype(np.float32)
+
+
+def v7_tail_ref(r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b, eps, s):
+    """NumPy twin of v7_tail (BlinkDL's RWKV_x070_TMix after the projections): returns (out, k, v, s)."""
+    T, C = r.shape
+    H, N = s.shape[:2]
+    f = np.float64
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    w = np.exp(-np.exp(-0.5) * sig(w0 + wl.astype(f)))
+    iclr = sig(a0 + al.astype(f))
+    kk = (k * k_k).astype(f).reshape(T, H, N)
+    kk = (kk / np.maximum(np.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)).reshape(T, C)
+    k = k * (1 + (iclr - 1) * k_a)
+    if vfirst.shape[0]:
+        v = v + (vfirst - v) * sig(v0 + vl.astype(f))
+    y, s = wkv7_ref(r, w.astype(np.float32), k.astype(np.float32), v.astype(np.float32),
+                    (-kk).astype(np.float32), (kk * iclr).astype(np.float32), s)
+    y = group_norm_ref(y, H, lnx_w, lnx_b, eps).astype(f)
+    y += ((r * k * r_k).reshape(T, H, N).sum(-1, keepdims=True) * v.reshape(T, H, N)).reshape(T, C)
+    return (y * g).astype(np.float32), k.astype(np.float32), v.astype(np.float32), s
+
+
+def shift_mix_dyn_ref(x, prev, mix, dyn):
+    sx = np.concatenate([prev[None], x[:-1]])
+    return np.stack([x + (sx - x) * (m + d) for m, d in zip(mix, dyn)]).astype(np.float32)
