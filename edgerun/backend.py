@@ -86,13 +86,136 @@ class CPUBackend:
     # ---- attention
     def attention(self, q, k, v, state, layer, scale, window=0, softcap=0.0):
         """Store k, v (T, n_kv, d) at the state's current length in its paged cache; attend q (T, H, d)."""
-        kp, vp, table = state.layer(layer)
+        kp, vp, ks, vs, table = state.layer(layer)
         start = state.length
-        self._attn.store_kv_paged(k, v, kp, vp, table, start)
+        quantized = kp.dtype == np.int8
+        if quantized:
+            self._attn.store_kv_paged_int8(k, v, kp, vp, ks, vs, table, start)
+        else:
+            self._attn.store_kv_paged(k, v, kp, vp, table, start)
         out = np.empty_like(q)
-        self._attn.paged_attention(q, kp, vp, table, start, np.float32(scale), int(window),
+        self._attn.paged_attention(q, kp, vp, ks, vs, quantized, table, start, np.float32(scale), int(window),
                                    np.float32(softcap), out)
         return out
+
+    # ---- RWKV (kernels_numba/wkv.py); WKV states are updated in place
+    @property
+    def _wkv(self):
+        from edgerun.kernels_numba import wkv
+        return wkv
+
+    def layer_norm(self, x, weight, bias, eps):
+        out = np.empty_like(x)
+        self._wkv.layer_norm(x, weight, bias, float(eps), out)
+        return out
+
+    def group_norm(self, x, groups, weight, bias, eps):
+        """RWKV ln_x: LayerNorm over each of ``groups`` equal slices of the rows of x (T, C)."""
+        out = np.empty_like(x)
+        self._wkv.group_norm(x, int(groups), weight, bias, float(eps), out)
+        return out
+
+    def shift_mix(self, x, prev, mix):
+        """Token shift + lerp: (M, T, C) with out[m, t] = x[t] + (x[t-1] - x[t]) * mix[m], x[-1] = prev."""
+        out = np.empty((mix.shape[0], *x.shape), np.float32)
+        self._wkv.shift_mix(x, prev, mix, out)
+        return out
+
+    def shift_mix_dyn(self, x, prev, mix, dyn):
+        """RWKV-6 lerps with data-dependent amounts: out[m, t] = x[t] + (x[t-1] - x[t]) * (mix[m] + dyn[m, t])."""
+        out = np.empty((mix.shape[0], *x.shape), np.float32)
+        self._wkv.shift_mix_dyn(x, prev, mix, np.ascontiguousarray(dyn), out)
+        return out
+
+    # below this many multiply-adds a WKV call runs on one thread (waking threads costs more)
+    WKV_PARALLEL_WORK = 1 << 20
+
+    def wkv4(self, k, v, u, w, aa, bb, pp):
+        out = np.empty_like(k)
+        f = self._wkv.wkv4 if k.size * 16 >= self.WKV_PARALLEL_WORK else self._wkv.wkv4_serial
+        f(k, v, u, w, aa, bb, pp, out)
+        return out
+
+    def wkv6(self, r, k, v, w, u, s):
+        """RWKV-5/6 (w: per-step decay (T, C)); s (H, N, N) updated in place."""
+        out = np.empty_like(r)
+        f = self._wkv.wkv6 if r.size * s.shape[1] >= self.WKV_PARALLEL_WORK else self._wkv.wkv6_serial
+        f(r, k, v, np.ascontiguousarray(w), u, s, out)
+        return out
+
+    def wkv7(self, r, w, k, v, a, b, s):
+        out = np.empty_like(r)
+        f = self._wkv.wkv7 if r.size * s.shape[1] >= self.WKV_PARALLEL_WORK else self._wkv.wkv7_serial
+        f(r, w, k, v, a, b, s, out)
+        return out
+
+    def v7_tail(self, r, wl, k, v, al, vl, vfirst, g, p, eps, s):
+        """RWKV-7 time mixing from the projections to the output matrix's input, fused (see
+        kernels_numba/wkv.py v7_tail); p = (w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b). k, v updated in place."""
+        out = np.empty_like(r)
+        f = self._wkv.v7_tail if r.size * s.shape[1] >= self.WKV_PARALLEL_WORK else self._wkv.v7_tail_serial
+        f(r, wl, k, v, al, vl, vfirst, g, *p, float(eps), s, out)
+        return out
+
+
+    # ---- state-space models (kernels_numba/ssm.py): states are updated in place; with ``out``
+    # given nothing is allocated, so a decode loop runs in constant memory
+    @property
+    def _ssm(self):
+        from edgerun.kernels_numba import ssm
+        return ssm
+
+    def rms_norm_into(self, x, weight, eps, out):
+        """rms_norm writing into out (T, d)."""
+        self._ops.rms_norm(x, weight, np.float32(eps), out)
+        return out
+
+    def causal_conv1d(self, x, conv_state, weight, bias, out=None, silu=True):
+        """Depthwise causal conv over x (T, C) continuing conv_state (K-1, C) (updated); weight (K, C)."""
+        out = np.empty(x.shape, np.float32) if out is None else out
+        fn = self._ssm.causal_conv1d if x.shape[0] < 8 else self._ssm.causal_conv1d_parallel
+        fn(x, conv_state, weight, bias if bias is not None else _EMPTY, bool(silu), out)
+        return out
+
+    def selective_scan(self, x, dt, A, B, C, D, z, dt_bias, ssm_state, out=None, ws=None):
+        """Mamba-1: x, dt (raw, before bias and softplus), z (T, d_inner); A (d_state, d_inner);
+        B, C (T, d_state); D, dt_bias (d_inner,); ssm_state (d_state, d_inner) updated.
+        -> (C.h + D*x) * silu(z), (T, d_inner). ws: (2, d_inner) scratch for the one-token path."""
+        out = np.empty(x.shape, np.float32) if out is None else out
+        if x.shape[0] == 1:
+            ws = np.empty((2, x.shape[1]), np.float32) if ws is None else ws
+            self._ssm.selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state, ws, out)
+        else:
+            self._ssm.selective_scan_parallel(x, dt, A, B, C, D, z, dt_bias, ssm_state, out)
+        return out
+
+    def rms_norm_segments_(self, x, bounds, eps):
+        """In place, weightless RMSNorm over column segments [bounds[i], bounds[i+1]) of each row."""
+        self._ssm.rms_norm_segments(x, bounds, np.float32(eps))
+        return x
+
+    def ssd(self, xbc, dt, A, D, dt_bias, ssm_state, n_groups, chunk_size, dt_limit=(0.0, np.inf), out=None):
+        """Mamba-2: xbc (T, H*P + 2*G*N) = x | B | C after the conv; dt (T, H) raw; A, D, dt_bias (H,);
+        ssm_state (H, P, N) updated. -> C.h + D*x (T, H*P), ungated. One token: the recurrence
+        step; more: the chunked SSD algorithm."""
+        H, P, _ = ssm_state.shape
+        out = np.empty((xbc.shape[0], H * P), np.float32) if out is None else out
+        lo, hi = np.float32(dt_limit[0]), np.float32(dt_limit[1])
+        if xbc.shape[0] == 1:
+            self._ssm.ssd_step(xbc, dt, A, D, dt_bias, ssm_state, int(n_groups), lo, hi, out)
+        else:
+            self._ssm.ssd_chunked(xbc, dt, A, D, dt_bias, ssm_state, int(n_groups), int(chunk_size), lo, hi, out)
+        return out
+
+    def gated_rms_norm(self, y, z, weight, group_size, eps, out=None):
+        """Mamba-2's norm: weight * RMSNorm over groups of group_size columns of y * silu(z)."""
+        out = np.empty(y.shape, np.float32) if out is None else out
+        fn = self._ssm.gated_rms_norm_serial if y.shape[0] < 8 else self._ssm.gated_rms_norm
+        fn(y, z, weight, int(group_size), np.float32(eps), out)
+        return out
+
+
+_EMPTY = np.zeros(0, np.float32)
 
 
 _BACKENDS: dict[str, object] = {}
