@@ -16,8 +16,9 @@ _TEXT = ("The quick brown fox jumps over the lazy dog. Edge devices run language
          "close to their users, where memory bandwidth decides how fast each token comes. ")
 
 
-def _prompt(m, n: int) -> list[int]:
-    ids = m.tokenizer.encode(_TEXT * (1 + n // 8), add_bos=False)
+def _prompt(m, n: int, run: int = 0) -> list[int]:
+    """n tokens of text; each run's prompt starts differently, so the prefix cache cannot serve it."""
+    ids = m.tokenizer.encode(f"Run {run}. " + _TEXT * (1 + n // 8), add_bos=False)
     return ids[:n]
 
 
@@ -66,7 +67,8 @@ def bench(model: str, threads: int | None = None, prompt_tokens: int = 128, gen_
     m.step(st, [ids[0]], last_only=True)
 
     prefill, decode = [], []
-    for _ in range(repeats):
+    for r in range(repeats):
+        ids = _prompt(m, prompt_tokens, r + 1)
         st = m.new_state()
         t0 = time.perf_counter()
         logits = m.step(st, ids, last_only=True)
