@@ -116,11 +116,13 @@ class Mixer:
 
 
 class Block:
-    def __init__(self, args, w, i, ops):
+    """x + mixer(norm(x)); the mixer class is the family's (Mamba-1 here, Mamba-2 in mamba2.py)."""
+
+    def __init__(self, args, w, i, ops, mixer_cls):
         p = f"backbone.layers.{i}"
         self.ops, self.eps, self.i = ops, args.layer_norm_epsilon, i
         self.norm = f32(w[f"{p}.norm.weight"])
-        self.mixer = Mixer(args, w, f"{p}.mixer", ops)
+        self.mixer = mixer_cls(args, w, f"{p}.mixer", ops)
 
     def __call__(self, x, state: RecurrentState, s: Scratch | None):
         ops = self.ops
@@ -128,32 +130,26 @@ class Block:
         return ops.add_(x, self.mixer(h, state["conv"][self.i], state["ssm"][self.i], s))
 
 
-class Model:
-    """The Mamba-1 stack. ``weights`` maps HF names to packed containers; vectors as float32 arrays."""
+class Backbone:
+    """The stack both Mamba generations share: embeddings, blocks, final norm, head, and a
+    forward that updates a RecurrentState in place (one token runs in preallocated scratch,
+    so one decode at a time per model object)."""
+    mixer_cls: type
 
-    def __init__(self, args: ModelArgs, weights: dict, ops):
+    def __init__(self, args, weights: dict, ops, scratch: dict):
         self.args, self.ops = args, ops
         self.embed = weights.get("backbone.embeddings.weight", weights.get("backbone.embedding.weight"))
-        self.layers = [Block(args, weights, i, ops) for i in range(args.num_hidden_layers)]
+        self.layers = [Block(args, weights, i, ops, self.mixer_cls) for i in range(args.num_hidden_layers)]
         self.norm_f = f32(weights["backbone.norm_f.weight"])
         self.head = self.embed if args.tie_word_embeddings else weights.get("lm_head.weight", self.embed)
-        a = args
-        R, N, d, H = a.time_step_rank, a.state_size, a.intermediate_size, a.hidden_size
-        self.scratch = Scratch(dict(f=(1, H), h=(1, H), xz=(1, 2 * d), xc=(1, d), x_dbl=(1, R + 2 * N),
-                                    dt=(1, d), y=(1, d), o=(1, H), ws=(2, d)))
+        self.scratch = Scratch(scratch)
 
     @property
     def max_context(self) -> int:
         return UNBOUNDED_CONTEXT
 
-    def new_state(self) -> RecurrentState:
-        a = self.args
-        return RecurrentState({"conv": (a.conv_kernel - 1, a.intermediate_size),
-                               "ssm": (a.state_size, a.intermediate_size)}, a.num_hidden_layers)
-
     def __call__(self, ids: np.ndarray, state: RecurrentState, last_only: bool = False) -> np.ndarray:
-        """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only.
-        One token runs in preallocated scratch (one decode at a time per model object)."""
+        """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only."""
         s = self.scratch if ids.shape[0] == 1 else None
         x = self.ops.embed(ids, self.embed, self.args.hidden_size)            # (T, hidden)
         for layer in self.layers:
@@ -165,6 +161,21 @@ class Model:
         eps = self.args.layer_norm_epsilon
         x = self.ops.rms_norm_into(x, self.norm_f, eps, s.f) if s else self.ops.rms_norm(x, self.norm_f, eps)
         return self.ops.linear(x, self.head)
+
+
+class Model(Backbone):
+    """The Mamba-1 stack. ``weights`` maps HF names to packed containers; vectors as float32 arrays."""
+    mixer_cls = Mixer
+
+    def __init__(self, args: ModelArgs, weights: dict, ops):
+        R, N, d, H = args.time_step_rank, args.state_size, args.intermediate_size, args.hidden_size
+        super().__init__(args, weights, ops, dict(f=(1, H), h=(1, H), xz=(1, 2 * d), xc=(1, d),
+                                                  x_dbl=(1, R + 2 * N), dt=(1, d), y=(1, d), o=(1, H), ws=(2, d)))
+
+    def new_state(self) -> RecurrentState:
+        a = self.args
+        return RecurrentState({"conv": (a.conv_kernel - 1, a.intermediate_size),
+                               "ssm": (a.state_size, a.intermediate_size)}, a.num_hidden_layers)
 
     @staticmethod
     def sanitize(config: dict) -> dict:

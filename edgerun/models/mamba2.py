@@ -16,7 +16,7 @@ import numpy as np
 
 from ..cache import RecurrentState
 from ..errors import ModelFileError
-from .mamba import UNBOUNDED_CONTEXT, Scratch, f32
+from .mamba import Backbone, Scratch, f32
 
 ARCHITECTURES = ("Mamba2ForCausalLM",)
 MODEL_TYPES = ("mamba2",)
@@ -97,56 +97,19 @@ class Mixer:
         return o
 
 
-class Block:
-    def __init__(self, args, w, i, ops):
-        p = f"backbone.layers.{i}"
-        self.ops, self.eps, self.i = ops, args.layer_norm_epsilon, i
-        self.norm = f32(w[f"{p}.norm.weight"])
-        self.mixer = Mixer(args, w, f"{p}.mixer", ops)
-
-    def __call__(self, x, state: RecurrentState, s: Scratch | None):
-        ops = self.ops
-        h = ops.rms_norm_into(x, self.norm, self.eps, s.h) if s else ops.rms_norm(x, self.norm, self.eps)
-        return ops.add_(x, self.mixer(h, state["conv"][self.i], state["ssm"][self.i], s))
-
-
-class Model:
+class Model(Backbone):
     """The Mamba-2 stack. ``weights`` maps HF names to packed containers; vectors as float32 arrays."""
+    mixer_cls = Mixer
 
     def __init__(self, args: ModelArgs, weights: dict, ops):
-        self.args, self.ops = args, ops
-        self.embed = weights.get("backbone.embeddings.weight", weights.get("backbone.embedding.weight"))
-        self.layers = [Block(args, weights, i, ops) for i in range(args.num_hidden_layers)]
-        self.norm_f = f32(weights["backbone.norm_f.weight"])
-        self.head = self.embed if args.tie_word_embeddings else weights.get("lm_head.weight", self.embed)
-        a = args
-        d, H = a.d_inner, a.hidden_size
-        self.scratch = Scratch(dict(h=(1, H), zxbcdt=(1, d + a.conv_dim + a.num_heads), xbc=(1, a.conv_dim),
-                                    y=(1, d), yn=(1, d), o=(1, H), f=(1, H)))
-
-    @property
-    def max_context(self) -> int:
-        return UNBOUNDED_CONTEXT
+        d, H = args.d_inner, args.hidden_size
+        super().__init__(args, weights, ops, dict(h=(1, H), zxbcdt=(1, d + args.conv_dim + args.num_heads),
+                                                  xbc=(1, args.conv_dim), y=(1, d), yn=(1, d), o=(1, H), f=(1, H)))
 
     def new_state(self) -> RecurrentState:
         a = self.args
         return RecurrentState({"conv": (a.conv_kernel - 1, a.conv_dim),
                                "ssm": (a.num_heads, a.head_dim, a.state_size)}, a.num_hidden_layers)
-
-    def __call__(self, ids: np.ndarray, state: RecurrentState, last_only: bool = False) -> np.ndarray:
-        """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only.
-        One token runs in preallocated scratch (one decode at a time per model object)."""
-        s = self.scratch if ids.shape[0] == 1 else None
-        x = self.ops.embed(ids, self.embed, self.args.hidden_size)            # (T, hidden)
-        for layer in self.layers:
-            x = layer(x, state, s)
-        state.length += ids.shape[0]
-        state.checkpoint()
-        if last_only:
-            x = x[-1:]
-        eps = self.args.layer_norm_epsilon
-        x = self.ops.rms_norm_into(x, self.norm_f, eps, s.f) if s else self.ops.rms_norm(x, self.norm_f, eps)
-        return self.ops.linear(x, self.head)
 
     @staticmethod
     def sanitize(config: dict) -> dict:
