@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import EdgerunError, InputError
-from .packed import DenseWeight, Int4Weight, Int8Weight
+from .packed import Int4Weight, Int8Weight
 
 
 class CPUBackend:
@@ -19,38 +19,28 @@ class CPUBackend:
         self._lin, self._ops, self._attn = linear, ops, paged_attention
 
     # ---- matmuls
-    def linear(self, x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
-        """x (T, in) float32 @ W.T -> (T, out)."""
-        L = self._lin
-        T = x.shape[0]
-        rows = w.w.shape[0] if isinstance(w, DenseWeight) else (w.q.shape[0] if isinstance(w, Int8Weight) else w.qs.shape[0])
-        if out is None:
-            out = np.empty((T, rows), np.float32)
+    @staticmethod
+    def _kernel_args(w) -> tuple[str, tuple]:
+        """A packed weight -> (kind suffix of its kernels, the fields they take)."""
         if isinstance(w, Int4Weight):
-            L.gemm_int4(x, w.qs, w.scales, w.mins, w.group, out)
-        elif isinstance(w, Int8Weight):
-            L.gemm_int8(x, w.q, w.scales, w.group, out)
-        elif w.dtype == "f32":
-            L.gemm_f32(x, w.w, out)
-        elif w.dtype == "bf16":
-            L.gemm_bf16(x, w.w, out)
-        else:
-            L.gemm_f16(x, w.w, out)
+            return "int4", (w.qs, w.scales, w.mins, w.group)
+        if isinstance(w, Int8Weight):
+            return "int8", (w.q, w.scales, w.group)
+        return w.dtype, (w.w,)
+
+    def linear(self, x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
+        """x (T, in) float32 @ W.T -> (T, out), by gemm_<kind>."""
+        kind, fields = self._kernel_args(w)
+        if out is None:
+            out = np.empty((x.shape[0], fields[0].shape[0]), np.float32)
+        getattr(self._lin, f"gemm_{kind}")(x, *fields, out)
         return out
 
     def embed(self, ids: np.ndarray, w, dim: int) -> np.ndarray:
-        L = self._lin
+        """Rows ids of an embedding table -> (len(ids), dim) float32, by embed_<kind>."""
+        kind, fields = self._kernel_args(w)
         out = np.empty((ids.shape[0], dim), np.float32)
-        if isinstance(w, Int4Weight):
-            L.embed_int4(ids, w.qs, w.scales, w.mins, w.group, out)
-        elif isinstance(w, Int8Weight):
-            L.embed_int8(ids, w.q, w.scales, w.group, out)
-        elif w.dtype == "f32":
-            L.embed_f32(ids, w.w, out)
-        elif w.dtype == "bf16":
-            L.embed_bf16(ids, w.w, out)
-        else:
-            L.embed_f16(ids, w.w, out)
+        getattr(self._lin, f"embed_{kind}")(ids, *fields, out)
         return out
 
     # ---- elementwise
