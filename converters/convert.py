@@ -81,7 +81,9 @@ def convert_in_memory(src, quant: str | None = None, group_size: int | None = No
     os.close(fd)
     try:
         convert(src, tmp, quant, group_size, progress=verbose)
-        return edr.open_model(tmp)
+        mf = edr.open_model(tmp)
+        mf.path = Path(src)            # what the user named; the temporary file is gone
+        return mf
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
