@@ -318,35 +318,31 @@ def ssd_chunked(xbc, dt, A, D, dt_bias, h, G, chunk, dt_min, dt_max, out):
                         hp[n] += coef * Bs[n]
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _gated_rms_norm_row(y, z, weight, group, eps, out, t):
+    for g0 in range(0, y.shape[1], group):
+        ss = np.float32(0.0)
+        for j in range(g0, g0 + group):
+            v = y[t, j] * silu(z[t, j])
+            out[t, j] = v
+            ss += v * v
+        inv = np.float32(1.0 / np.sqrt(ss / group + eps))
+        for j in range(g0, g0 + group):
+            out[t, j] = out[t, j] * inv * weight[j]
+
+
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def gated_rms_norm(y, z, weight, group, eps, out):
     """out = weight * rmsnorm_per_group(y * silu(z)); y, z, out (T, d); groups of ``group`` columns."""
-    T, d = y.shape
-    for t in prange(T):
-        for g0 in range(0, d, group):
-            ss = np.float32(0.0)
-            for j in range(g0, g0 + group):
-                v = y[t, j] * silu(z[t, j])
-                out[t, j] = v
-                ss += v * v
-            inv = np.float32(1.0 / np.sqrt(ss / group + eps))
-            for j in range(g0, g0 + group):
-                out[t, j] = out[t, j] * inv * weight[j]
+    for t in prange(y.shape[0]):
+        _gated_rms_norm_row(y, z, weight, group, eps, out, t)
 
 
 @njit(fastmath=FASTMATH, **JIT)
 def gated_rms_norm_serial(y, z, weight, group, eps, out):
-    T, d = y.shape
-    for t in range(T):
-        for g0 in range(0, d, group):
-            ss = np.float32(0.0)
-            for j in range(g0, g0 + group):
-                v = y[t, j] * silu(z[t, j])
-                out[t, j] = v
-                ss += v * v
-            inv = np.float32(1.0 / np.sqrt(ss / group + eps))
-            for j in range(g0, g0 + group):
-                out[t, j] = out[t, j] * inv * weight[j]
+    """The same, on one thread (decode: waking threads costs more than the work)."""
+    for t in range(y.shape[0]):
+        _gated_rms_norm_row(y, z, weight, group, eps, out, t)
 
 
 # ------------------------------------------------------------------ references (NumPy, float64)
