@@ -70,13 +70,11 @@ class Block:
 
 
 class Model(llama.Model):
+    block_cls = Block
+
     def __init__(self, args: ModelArgs, weights: dict, ops):
-        self.args, self.ops = args, ops
-        self.embed = weights["model.embed_tokens.weight"]
-        self.layers = [Block(args, weights, i, ops) for i in range(args.num_hidden_layers)]
-        self.norm = _offset(weights["model.norm.weight"])
-        self.head = weights.get("lm_head.weight", self.embed) if not args.tie_word_embeddings else self.embed
-        self.kv, self.kv_options = None, {}
+        super().__init__(args, weights, ops)
+        self.norm = _offset(self.norm)
         self.embed_scale = np.float32(args.hidden_size ** 0.5)
 
     def embed_tokens(self, ids):

@@ -120,12 +120,14 @@ class Block:
 
 
 class Model:
-    """The decoder. ``weights`` maps HF tensor names to packed containers; 1-D tensors as float32 arrays."""
+    """The decoder. ``weights`` maps HF tensor names to packed containers; 1-D tensors as float32 arrays.
+    Families that change the block (Gemma 3) set ``block_cls``."""
+    block_cls = Block
 
     def __init__(self, args: ModelArgs, weights: dict, ops):
         self.args, self.ops = args, ops
         self.embed = weights["model.embed_tokens.weight"]
-        self.layers = [Block(args, weights, i, ops) for i in range(args.num_hidden_layers)]
+        self.layers = [self.block_cls(args, weights, i, ops) for i in range(args.num_hidden_layers)]
         self.norm = weights["model.norm.weight"]
         self.head = weights.get("lm_head.weight", self.embed) if not args.tie_word_embeddings else self.embed
         self.kv: PagedKV | None = None
