@@ -204,6 +204,66 @@ class CPUBackend:
         fn(y, z, weight, int(group_size), np.float32(eps), out)
         return out
 
+    # ---- xLSTM (kernels_numba/xlstm.py): states updated in place; with ``out`` (and ``ws``)
+    # given nothing is allocated
+    @property
+    def _xlstm(self):
+        from edgerun.kernels_numba import xlstm
+        return xlstm
+
+    def mlstm(self, q, k, v, ig, fg, ib, fb, C, n, m, norm_w, *, cap=0.0, eps=1e-6, norm_eps=1e-6,
+              chunk_size=64, out=None):
+        """mLSTM over T tokens: q, k (T, H*d_qk), v (T, H*d_v), ig, fg (T, H) raw gate pre-activations
+        (biases ib, fb (H,) and soft-cap ``cap`` applied inside); C (H, d_qk, d_v), n (H, d_qk), m (H,)
+        updated. -> per-head LayerNorm(h) * norm_w, (T, H*d_v). One token: the recurrent step;
+        more: the chunkwise-parallel form in chunks of chunk_size."""
+        out = np.empty(v.shape, np.float32) if out is None else out
+        a = (q, k, v, ig, fg, ib, fb, np.float32(cap), C, n, m, np.float32(eps), norm_w, np.float32(norm_eps))
+        if q.shape[0] == 1:
+            self._xlstm.mlstm_step(*a, out)
+        else:
+            self._xlstm.mlstm_chunkwise(*a, int(chunk_size), out)
+        return out
+
+    def slstm(self, wx, R, b, state, norm_w, norm_eps, out=None, ws=None):
+        """sLSTM over T tokens: wx (T, 4*D) gate inputs (i | f | z | o); R (heads, 4, d, d); b (4*D,);
+        state (4, D) = y, c, n, m updated. -> per-head LayerNorm(y) * norm_w, (T, D)."""
+        out = np.empty((wx.shape[0], state.shape[1]), np.float32) if out is None else out
+        ws = np.empty((4, R.shape[2]), np.float32) if ws is None else ws
+        self._xlstm.slstm(wx, R, b, state, norm_w, np.float32(norm_eps), ws, out)
+        return out
+
+    def headwise_linear(self, x, w, out=None):
+        """Block-diagonal projection x (T, nb*i) by w (nb, o, i) -> (T, nb*o)."""
+        out = np.empty((x.shape[0], w.shape[0] * w.shape[1]), np.float32) if out is None else out
+        self._xlstm.headwise_linear(x, w, out)
+        return out
+
+    def sigmoid_mul_(self, h, o):
+        self._xlstm.sigmoid_mul(h, o)
+        return h
+
+    def skip_silu_gate_(self, h, skip, xc, z):
+        """h = (h + skip * xc) * silu(z), in place."""
+        self._xlstm.skip_silu_gate(h, skip, xc, z)
+        return h
+
+    def gelu_mul(self, gate, up, out=None):
+        """Exact (erf) GELU(gate) * up."""
+        out = np.empty(gate.shape, np.float32) if out is None else out
+        self._xlstm.gelu_mul(gate, up, out)
+        return out
+
+    def softcap_(self, x, cap):
+        if cap and cap > 0:
+            self._xlstm.softcap_(x, np.float32(cap))
+        return x
+
+    def layer_norm_into(self, x, weight, bias, eps, out):
+        """LayerNorm writing into out (T, d)."""
+        self._wkv.layer_norm(x, weight, bias, float(eps), out)
+        return out
+
 
 _EMPTY = np.zeros(0, np.float32)
 
