@@ -28,6 +28,9 @@ def _source_kind(src: Path) -> str:
     from . import rwkv
     if rwkv.source_kind(src):             # BlinkDL .pth, rwkv.cpp .bin, HF Rwkv{,5,6}ForCausalLM directory
         return "rwkv"
+    from . import xlstm
+    if xlstm.source_kind(src):            # NX-AI xLSTMLMModel directory: config.yaml/json + state dict
+        return "xlstm_lm"
     if src.is_dir():
         return "hf"
     if src.suffix.lower() == ".gguf":
@@ -52,6 +55,9 @@ def convert(src, out, quant: str | None = None, group_size: int | None = None,
     if kind == "rwkv":
         from .rwkv import convert_rwkv
         return convert_rwkv(src, out, quant, group, **(rwkv_options or {}))
+    if kind == "xlstm_lm":
+        from .xlstm import convert_xlstm_lm
+        return convert_xlstm_lm(src, out, quant, group)
     if kind == "hf":
         cfg = hf.read_config(src)
         quant = quant or "f16"
