@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import EdgerunError, InputError
-from .packed import Int4Weight, Int8Weight
+from .packed import DenseWeight, Int4Weight, Int8Weight
 
 
 class CPUBackend:
@@ -26,21 +26,31 @@ class CPUBackend:
             return "int4", (w.qs, w.scales, w.mins, w.group)
         if isinstance(w, Int8Weight):
             return "int8", (w.q, w.scales, w.group)
-        return w.dtype, (w.w,)
+        if isinstance(w, DenseWeight):
+            return w.dtype, (w.w,)
+        return _lowbit_args(w)
+
+    def _kernel(self, name: str):
+        """A gemm_/embed_ kernel by name: kernels_numba/linear.py, else lowbit.py (ternary, binary, sparse)."""
+        f = getattr(self._lin, name, None)
+        if f is None:
+            from edgerun.kernels_numba import lowbit
+            f = getattr(lowbit, name)
+        return f
 
     def linear(self, x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
         """x (T, in) float32 @ W.T -> (T, out), by gemm_<kind>."""
         kind, fields = self._kernel_args(w)
         if out is None:
             out = np.empty((x.shape[0], fields[0].shape[0]), np.float32)
-        getattr(self._lin, f"gemm_{kind}")(x, *fields, out)
+        self._kernel(f"gemm_{kind}")(x, *fields, out)
         return out
 
     def embed(self, ids: np.ndarray, w, dim: int) -> np.ndarray:
         """Rows ids of an embedding table -> (len(ids), dim) float32, by embed_<kind>."""
         kind, fields = self._kernel_args(w)
         out = np.empty((ids.shape[0], dim), np.float32)
-        getattr(self._lin, f"embed_{kind}")(ids, *fields, out)
+        self._kernel(f"embed_{kind}")(ids, *fields, out)
         return out
 
     # ---- elementwise
@@ -266,6 +276,21 @@ class CPUBackend:
 
 
 _EMPTY = np.zeros(0, np.float32)
+
+
+def _lowbit_args(w) -> tuple[str, tuple]:
+    """Ternary, binary and sparse kinds: kernels in kernels_numba/lowbit.py, whose functions
+    CPUBackend._kernel finds as gemm_<kind> / embed_<kind>."""
+    from . import packed as P
+    if isinstance(w, (P.TernaryWeight, P.TernaryB3Weight)):
+        return P.kind_of(w), (w.codes, w.scales, w.n)
+    if isinstance(w, P.BinaryWeight):
+        return "binary", (w.bits, w.scales, w.group, w.n)
+    if isinstance(w, P.Sparse24Weight):
+        return "sparse24", (w.vals, w.meta, w.scales)
+    if isinstance(w, P.CsrWeight):
+        return "csr", (w.scales, w.row_ptr, w.cols, w.vals, w.n)
+    raise EdgerunError(f"no CPU kernel for packed weight {type(w).__name__}")
 
 
 _BACKENDS: dict[str, object] = {}

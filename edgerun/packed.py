@@ -48,6 +48,60 @@ class Int4Weight(NamedTuple):
     group: int
 
 
+class TernaryWeight(NamedTuple):
+    """BitNet b1.58 ternary, 2 bits a weight: w = scale * t, t in {-1, 0, +1}, stored as code t + 1.
+    Rows are padded with t = 0 to a multiple of 128 inputs. In block b of 128 inputs (32 bytes),
+    byte j holds inputs b*128 + j (bits 0-1), + 32 (bits 2-3), + 64 (bits 4-5), + 96 (bits 6-7),
+    so one 32-byte load and four shift-and-masks give four contiguous runs of 32 codes.
+    Kernels quantize activations to int8 per token (BitLinear) and accumulate in int32.
+    Written by converters/quant.py (absmean) and converters/bitnet.py (microsoft's packed 2-bit)."""
+    codes: np.ndarray      # uint8  (out, ceil(in / 128) * 32)
+    scales: np.ndarray     # float32 (1,) per tensor (BitNet) or (out,) per row
+    n: int                 # logical input size
+
+
+class TernaryB3Weight(NamedTuple):
+    """Ternary, base 3: five weights a byte (1.6 bits). Rows padded with t = 0 to a multiple of 160.
+    In block b of 160 inputs (32 bytes), byte j holds the trits c_i = t + 1 of inputs
+    b*160 + i*32 + j, i = 0..4, as v = sum c_i * 3**(4 - i) stored as ceil(v * 256 / 243):
+    digit i is then ((byte * 3**i) & 255) * 3 >> 8, multiplies and shifts only (llama.cpp's TQ1_0 trick)."""
+    codes: np.ndarray      # uint8  (out, ceil(in / 160) * 32)
+    scales: np.ndarray     # float32 (1,) or (out,)
+    n: int
+
+
+class BinaryWeight(NamedTuple):
+    """1 bit a weight: w = scale_g * (+1 if bit else -1), one scale (mean |w|) per group of inputs.
+    Rows padded to a multiple of group (padding bits 0, ignored: the activations there are 0).
+    In group g (group/8 bytes), bit i of byte j is input g*group + i*group/8 + j.
+    Kernels quantize activations to int8 per token, like the ternary kinds."""
+    bits: np.ndarray       # uint8  (out, ceil(in / group) * group / 8)
+    scales: np.ndarray     # uint16 f16 bits (out, ceil(in / group))
+    group: int
+    n: int
+
+
+class Sparse24Weight(NamedTuple):
+    """2:4 semi-structured sparsity: in every group of 4 inputs 2 values are kept, in input order.
+    meta byte k holds groups 2k (low nibble) and 2k+1 (high); a nibble is p0 | p1 << 2, p0 < p1 the
+    positions in the group. Values int8 (w = scales[row] * v) or float16 bits (scales empty).
+    Written by converters/quant.py after converters/sparsify.py's pruning."""
+    vals: np.ndarray       # int8 | uint16 (f16 bits)  (out, in // 2)
+    meta: np.ndarray       # uint8 (out, ceil(in / 8))
+    scales: np.ndarray     # float32 (out,) for int8 values, (0,) for f16
+
+
+class CsrWeight(NamedTuple):
+    """Unstructured sparsity, compressed rows: row r keeps vals[row_ptr[r]:row_ptr[r+1]] at input
+    columns cols[...] (ascending). Only non-zero values are stored. Values int8 (w = scales[r] * v)
+    or float16 bits (scales all 1). cols are uint16 when in <= 65536, else int32."""
+    scales: np.ndarray     # float32 (out,)
+    row_ptr: np.ndarray    # int64 (out + 1,)
+    cols: np.ndarray       # uint16 | int32 (nnz,)
+    vals: np.ndarray       # int8 | uint16 (f16 bits) (nnz,)
+    n: int
+
+
 # ---------------------------------------------------------------- helpers
 
 def f16_bits(a: np.ndarray) -> np.ndarray:
@@ -238,6 +292,287 @@ class Int4(Codec):
         return w.reshape(out, n).astype(np.float32)
 
 
+# ---------------------------------------------------------------- low-bit kinds
+
+TERNARY_BLOCK = 128        # inputs per 32-byte block, 2-bit packing
+TERNARY_B3_BLOCK = 160     # inputs per 32-byte block, base-3 packing
+_POW3 = np.array([81, 27, 9, 3, 1], dtype=np.int32)
+
+
+def _padded(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def pack_trits2(t: np.ndarray) -> np.ndarray:
+    """(out, n) trits in {-1, 0, 1} -> (out, ceil(n/128)*32) uint8 codes, TernaryWeight layout."""
+    out, n = t.shape
+    c = np.ones((out, _padded(n, TERNARY_BLOCK)), np.uint8)
+    c[:, :n] = t + 1
+    c = c.reshape(out, -1, 4, 32)
+    return (c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6).reshape(out, -1)
+
+
+def unpack_trits2(codes: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of pack_trits2 -> (out, n) int8 trits."""
+    out = codes.shape[0]
+    b = codes.reshape(out, -1, 1, 32)
+    c = (b >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3           # (out, blocks, 4, 32)
+    return (c.reshape(out, -1)[:, :n].astype(np.int8) - 1)
+
+
+def pack_trits3(t: np.ndarray) -> np.ndarray:
+    """(out, n) trits -> (out, ceil(n/160)*32) uint8, TernaryB3Weight layout."""
+    out, n = t.shape
+    c = np.ones((out, _padded(n, TERNARY_B3_BLOCK)), np.int32)
+    c[:, :n] = t + 1
+    v = (c.reshape(out, -1, 5, 32) * _POW3[:, None]).sum(axis=2)       # (out, blocks, 32) in 0..242
+    return ((v * 256 + 242) // 243).astype(np.uint8).reshape(out, -1)
+
+
+def unpack_trits3(codes: np.ndarray, n: int) -> np.ndarray:
+    out = codes.shape[0]
+    q = codes.reshape(out, -1, 1, 32).astype(np.int32)
+    mul = np.array([1, 3, 9, 27, 81], np.int32)[:, None]
+    d = (((q * mul) & 255) * 3) >> 8                                    # (out, blocks, 5, 32)
+    return (d.reshape(out, -1)[:, :n] - 1).astype(np.int8)
+
+
+def ternarize(w: np.ndarray, per_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """BitNet b1.58 absmean: gamma = mean |w| (per tensor, or per row), t = clip(round(w / gamma), -1, 1),
+    as transformers' WeightQuant (scale 1 / gamma.clamp(1e-5)). Weights already on a grid {-s, 0, s}
+    keep s, so quantizing a dequantized tensor gives it back. -> (trits int8, scales float32)."""
+    w = np.asarray(w, dtype=np.float32)
+    rows = w if per_row else w.reshape(1, -1)
+    a = np.abs(rows)
+    gamma = np.maximum(a.mean(axis=1, dtype=np.float64).astype(np.float32), np.float32(1e-5))
+    inv = (np.float32(1.0) / gamma).astype(np.float32)
+    t = np.clip(np.rint(rows * inv[:, None]), -1, 1).astype(np.int8)
+    # already ternary (every non-zero |w| equal): keep that value as the scale
+    nz = a > 0
+    hi = np.where(nz, a, 0).max(axis=1)
+    lo = np.where(nz, a, np.inf).min(axis=1)
+    grid = (hi == lo) & nz.any(axis=1)
+    if grid.any():
+        t[grid] = np.sign(rows[grid]).astype(np.int8)
+        gamma = np.where(grid, hi, gamma).astype(np.float32)
+    return t.reshape(w.shape), gamma
+
+
+class _TernaryCodec(Codec):
+    parts = ("codes", "scales")
+    packer = staticmethod(pack_trits2)
+    unpacker = staticmethod(unpack_trits2)
+    cls = TernaryWeight
+
+    @classmethod
+    def pack(cls, w, per_row=False, **params):
+        w = np.asarray(w, dtype=np.float32)
+        if w.ndim != 2:
+            raise ConversionError(f"{cls.kind} needs a 2-D weight, got shape {w.shape}")
+        t, scales = ternarize(w, per_row)
+        return {"codes": cls.packer(t), "scales": scales}, {"n": w.shape[1], "per_row": bool(per_row)}
+
+    @classmethod
+    def container(cls, parts, params):
+        return cls.cls(parts["codes"], parts["scales"], int(params["n"]))
+
+    @classmethod
+    def trits(cls, c) -> np.ndarray:
+        return cls.unpacker(c.codes, c.n)
+
+    @classmethod
+    def unpack(cls, c):
+        s = c.scales.astype(np.float32)
+        return (cls.trits(c) * (s[:, None] if s.shape[0] > 1 else s[0])).astype(np.float32)
+
+
+@register
+class Ternary(_TernaryCodec):
+    kind = "ternary"
+
+
+@register
+class TernaryB3(_TernaryCodec):
+    kind = "ternary_b3"
+    packer = staticmethod(pack_trits3)
+    unpacker = staticmethod(unpack_trits3)
+    cls = TernaryB3Weight
+
+
+@register
+class Binary(Codec):
+    kind = "binary"
+    parts = ("bits", "scales")
+
+    @classmethod
+    def pack(cls, w, group=128, **params):
+        w = np.asarray(w, dtype=np.float32)
+        if w.ndim != 2:
+            raise ConversionError(f"binary needs a 2-D weight, got shape {w.shape}")
+        if group <= 0 or group % 8:
+            raise ConversionError(f"binary group size must be a positive multiple of 8, got {group}")
+        out, n = w.shape
+        npad = _padded(n, group)
+        wp = np.zeros((out, npad), np.float32)
+        wp[:, :n] = w
+        g = wp.reshape(out, -1, group)
+        counts = np.full(npad // group, group, np.float64)
+        counts[-1] = n - (npad - group)
+        scales = (np.abs(g).sum(axis=2, dtype=np.float64) / counts).astype(np.float16)
+        b = (wp >= 0).astype(np.uint8)
+        b[:, n:] = 0
+        b = b.reshape(out, -1, 8, group // 8)
+        bits = np.zeros(b.shape[:2] + (group // 8,), np.uint8)
+        for i in range(8):
+            bits |= b[:, :, i] << i
+        return {"bits": bits.reshape(out, -1), "scales": f16_bits(scales)}, {"group": group, "n": n}
+
+    @classmethod
+    def container(cls, parts, params):
+        return BinaryWeight(parts["bits"], parts["scales"], int(params["group"]), int(params["n"]))
+
+    @classmethod
+    def signs(cls, c) -> np.ndarray:
+        """(out, n) int8 in {-1, +1}."""
+        out = c.bits.shape[0]
+        b = c.bits.reshape(out, -1, 1, c.group // 8)
+        s = (b >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+        return (s.reshape(out, -1)[:, :c.n].astype(np.int8) * 2 - 1)
+
+    @classmethod
+    def unpack(cls, c):
+        s = np.repeat(scales_to_f32(c.scales), c.group, axis=1)[:, :c.n]
+        return (cls.signs(c) * s).astype(np.float32)
+
+
+def _values(v: np.ndarray, values: str, axis_rows: bool = True):
+    """Kept values (out, k) float32 -> (stored values, scales): int8 with a scale per row, or f16 bits."""
+    if values == "f16":
+        return f16_bits(v + np.float32(0.0)), np.zeros(0, np.float32)   # + 0: no -0.0 on the way back
+    if values != "int8":
+        raise ConversionError(f"sparse values must be int8 or f16, got {values!r}")
+    scales = (np.abs(v).max(axis=1) / 127.0).astype(np.float32) if v.shape[1] else np.zeros(v.shape[0], np.float32)
+    inv = np.where(scales > 0, 1.0 / np.where(scales > 0, scales, 1), 0)
+    q = np.clip(np.rint(v * inv[:, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def _values_f32(vals: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    if vals.dtype == np.uint16:
+        return vals.view(np.float16).astype(np.float32)
+    return vals.astype(np.float32) * scales.reshape(-1, *([1] * (vals.ndim - 1)))
+
+
+@register
+class Sparse24(Codec):
+    """Keeps the 2 largest |w| of every 4 (ties: the lower input); the pruning itself."""
+    kind = "sparse24"
+    parts = ("vals", "meta", "scales")
+    optional = ("scales",)
+
+    @classmethod
+    def pack(cls, w, values="int8", **params):
+        w = np.asarray(w, dtype=np.float32)
+        if w.ndim != 2 or w.shape[1] % 4:
+            raise ConversionError(f"2:4 sparsity needs an input size that is a multiple of 4, got shape {w.shape}")
+        out, n = w.shape
+        g = w.reshape(out, -1, 4)
+        pos = np.sort(np.argsort(-np.abs(g), axis=2, kind="stable")[:, :, :2], axis=2)
+        v = np.take_along_axis(g, pos, axis=2)                         # (out, n/4, 2)
+        stored, scales = _values(v.reshape(out, -1), values)
+        # a kept value that stores as 0 gives its slot to the lowest free position: canonical
+        zero = (_values_f32(stored, scales) == 0).reshape(out, -1, 2)
+        if zero.any():
+            pos, stored = _canonical_positions(pos, zero, stored.reshape(out, -1, 2))
+            stored = stored.reshape(out, -1)
+        nib = (pos[:, :, 0] | pos[:, :, 1] << 2).astype(np.uint8)       # (out, n/4)
+        if nib.shape[1] % 2:
+            nib = np.concatenate([nib, np.zeros((out, 1), np.uint8)], axis=1)
+        meta = nib[:, 0::2] | nib[:, 1::2] << 4
+        parts = {"vals": stored, "meta": meta}
+        if values == "int8":
+            parts["scales"] = scales
+        return parts, {"values": values}
+
+    @classmethod
+    def container(cls, parts, params):
+        return Sparse24Weight(parts["vals"], parts["meta"], parts.get("scales", np.zeros(0, np.float32)))
+
+    @classmethod
+    def positions(cls, c) -> np.ndarray:
+        """(out, n/4, 2) kept positions."""
+        out, half = c.vals.shape
+        nib = np.stack([c.meta & 15, c.meta >> 4], axis=2).reshape(out, -1)[:, :half // 2]
+        return np.stack([nib & 3, nib >> 2], axis=2).astype(np.int64)
+
+    @classmethod
+    def unpack(cls, c):
+        out, half = c.vals.shape
+        w = np.zeros((out, half // 2, 4), np.float32)
+        v = _values_f32(c.vals, c.scales).reshape(out, -1, 2)
+        np.put_along_axis(w, cls.positions(c), v, axis=2)
+        return w.reshape(out, half * 2)
+
+
+def _canonical_positions(pos, zero, stored):
+    """Kept values that store as zero give their slots to the lowest positions not holding a
+    non-zero, so that packing the unpacked weight picks the same positions (ties: lower input)."""
+    out, G, _ = pos.shape
+    nz = np.zeros((out, G, 4), bool)
+    np.put_along_axis(nz, pos, ~zero, axis=2)
+    dense = np.zeros((out, G, 4), stored.dtype)
+    np.put_along_axis(dense, pos, np.where(zero, 0, stored).astype(stored.dtype), axis=2)
+    key = np.where(nz, -1, np.arange(4))
+    new = np.sort(np.argsort(key, axis=2, kind="stable")[:, :, :2], axis=2)
+    return new, np.take_along_axis(dense, new, axis=2)
+
+
+@register
+class Csr(Codec):
+    """Stores the non-zero weights of each row (prune first: converters/sparsify.py)."""
+    kind = "csr"
+    parts = ("scales", "row_ptr", "cols", "vals")
+
+    @classmethod
+    def pack(cls, w, values="int8", **params):
+        w = np.asarray(w, dtype=np.float32)
+        if w.ndim != 2:
+            raise ConversionError(f"csr needs a 2-D weight, got shape {w.shape}")
+        out, n = w.shape
+        if values == "int8":
+            scales = (np.abs(w).max(axis=1) / 127.0).astype(np.float32) if n else np.zeros(out, np.float32)
+            inv = np.where(scales > 0, 1.0 / np.where(scales > 0, scales, 1), 0)
+            q = np.clip(np.rint(w * inv[:, None]), -127, 127).astype(np.int8)
+        elif values == "f16":
+            scales = np.ones(out, np.float32)
+            q = (w + np.float32(0.0)).astype(np.float16)
+        else:
+            raise ConversionError(f"sparse values must be int8 or f16, got {values!r}")
+        rows, cols = np.nonzero(q)                      # values that store as 0 are not stored
+        row_ptr = np.zeros(out + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=out), out=row_ptr[1:])
+        vals = q[rows, cols]
+        if values == "f16":
+            vals = vals.view(np.uint16)
+        return ({"scales": scales, "row_ptr": row_ptr,
+                 "cols": cols.astype(np.uint16 if n <= 65536 else np.int32), "vals": vals},
+                {"values": values, "n": n})
+
+    @classmethod
+    def container(cls, parts, params):
+        return CsrWeight(parts["scales"], parts["row_ptr"], parts["cols"], parts["vals"], int(params["n"]))
+
+    @classmethod
+    def unpack(cls, c):
+        out = c.row_ptr.shape[0] - 1
+        w = np.zeros((out, c.n), np.float32)
+        rows = np.repeat(np.arange(out), np.diff(c.row_ptr))
+        v = c.vals.view(np.float16).astype(np.float32) if c.vals.dtype == np.uint16 else \
+            c.vals.astype(np.float32) * c.scales[rows]
+        w[rows, c.cols.astype(np.int64)] = v
+        return w
+
+
 def codec(kind: str) -> type:
     try:
         return CODECS[kind]
@@ -247,8 +582,16 @@ def codec(kind: str) -> type:
 
 def unpack(c) -> np.ndarray:
     """Any container -> float32 array (for references and tests)."""
-    kind = {DenseWeight: None, Int8Weight: "int8", Int4Weight: "int4"}[type(c)]
-    return codec(kind or c.dtype).unpack(c)
+    return codec(kind_of(c)).unpack(c)
+
+
+_KINDS = {Int8Weight: "int8", Int4Weight: "int4", TernaryWeight: "ternary", TernaryB3Weight: "ternary_b3",
+          BinaryWeight: "binary", Sparse24Weight: "sparse24", CsrWeight: "csr"}
+
+
+def kind_of(c) -> str:
+    """The packed kind of a container."""
+    return c.dtype if isinstance(c, DenseWeight) else _KINDS[type(c)]
 
 
 def nbytes(c) -> int:

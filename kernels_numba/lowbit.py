@@ -1,0 +1,606 @@
+"""Low-bit and sparse weights: ternary (2-bit and base-3), binary, 2:4 sparse and CSR.
+
+Signatures follow kernels_numba/linear.py: ``gemm_<kind>(x, <weight fields>, out)`` with
+x float32 (T, in), out float32 (T, out); ``embed_<kind>(ids, <fields>, out)``.
+
+Ternary and binary weights multiply int8 activations, as BitNet's BitLinear does: each token's
+row is quantized by absmax (scale 127 / max|x|, round half to even, clip to -128..127,
+``quantize_rows_int8``) and the products accumulate in int32; the float scales are applied
+once per row (per group for binary). Codes are stored as t + 1 (0, 1, 2), so
+sum(t * x) = sum(code * x) - sum(x): the inner loops are unsigned-by-signed byte products
+that LLVM turns into vpdpbusd (AVX512-VNNI) / vpmaddubsw-class code.
+Sparse kinds take float32 activations (weight-only quantization, like int8/int4).
+
+T == 1 (decode) walks the packed rows directly with prange over rows; T > 1 (prefill)
+unpacks a block of rows once into a small int8/float buffer and reuses it for every token.
+Inner loops index block-sized slices with the loop counter (never ``base + j``, see linear.py).
+"""
+import os
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ._common import FASTMATH, JIT, half_to_float
+
+ROW_BLOCK = 16
+TB = 128          # ternary 2-bit: inputs per block (32 bytes)
+TB3 = 160         # ternary base-3: inputs per block (32 bytes)
+KB = 32           # bytes per ternary block
+
+
+def as_value(v):
+    """A stored sparse value -> float32: uint16 is float16 bits, int8 is itself."""
+
+
+@overload(as_value, jit_options=JIT)
+def _as_value(v):
+    if v == types.uint16:
+        return lambda v: half_to_float(v)
+    return lambda v: np.float32(v)
+
+
+# ------------------------------------------------------------------ activations
+
+@njit(**JIT)
+def quantize_rows_int8(x, xq, xs, xsum):
+    """BitLinear's per-token absmax quantization. x (T, n) float32 -> xq (T, npad) int8 (zeros
+    past n), xs (T,) float32 = max|x| / 127 (the dequantization factor), xsum (T,) int32 = sum of xq.
+    Not fastmath: 127 / m must be a true division to round exactly as transformers does."""
+    T, n = x.shape
+    for t in range(T):
+        xr = x[t]
+        m = np.float32(0.0)
+        for j in range(n):
+            a = abs(xr[j])
+            if a > m:
+                m = a
+        m = max(m, np.float32(1e-5))
+        scale = np.float32(127.0) / m
+        qr = xq[t]
+        s = np.int32(0)
+        for j in range(n):
+            v = min(max(np.rint(xr[j] * scale), np.float32(-128.0)), np.float32(127.0))
+            qr[j] = np.int8(v)
+            s += np.int32(qr[j])
+        for j in range(n, qr.shape[0]):
+            qr[j] = 0
+        xs[t] = np.float32(1.0) / scale
+        xsum[t] = s
+
+
+@njit(inline="always")
+def _quantized(x, npad):
+    T = x.shape[0]
+    xq = np.empty((T, npad), np.int8)
+    xs = np.empty(T, np.float32)
+    xsum = np.empty(T, np.int32)
+    quantize_rows_int8(x, xq, xs, xsum)
+    return xq, xs, xsum
+
+
+@njit(inline="always")
+def _idot(a, b, n):
+    """int8 . int8 -> int32."""
+    acc = np.int32(0)
+    for j in range(n):
+        acc = np.int32(acc + a[j] * b[j])
+    return acc
+
+
+@njit(inline="always")
+def _int_block_dots(buf, nr, xq, xs, rs, out, r0, bias):
+    """out[t, r0 + i] = (buf[i] . xq[t] - bias[t]) * xs[t] * rs[i]  (int8 rows, int32 dots)."""
+    T, n = xq.shape
+    for t in range(T):
+        for i in range(nr):
+            out[t, r0 + i] = np.float32(_idot(buf[i], xq[t], n) - bias[t]) * xs[t] * rs[i]
+
+
+# ------------------------------------------------------------------ ternary, 2 bits
+
+@njit(inline="always")
+def _to_planes(xrow, planes):
+    """Activations in the order the codes are read: planes[i, b*32 + j] = xrow[b*P*32 + i*32 + j],
+    P = planes.shape[0] codes a byte. The dot is then one long loop over a row's bytes (vector
+    accumulators, one reduction at the end) instead of a reduction per 32-byte block."""
+    P = planes.shape[0]
+    for b in range(planes.shape[1] // KB):
+        xb = xrow[b * P * KB:(b + 1) * P * KB]
+        for i in range(P):
+            pl = planes[i, b * KB:(b + 1) * KB]
+            xi = xb[i * KB:(i + 1) * KB]
+            for j in range(KB):
+                pl[j] = xi[j]
+
+
+# ------------------------------------------------------------------ explicit SIMD row dots
+# LLVM vectorises the Numba loops below (_dot_t2_loop) with 16-bit lanes (vpmaddwd): ~2.5 weights
+# an instruction, slower than int4. The codes are unsigned bytes (0, 1, 2 after a shift and a
+# mask) and the activations signed bytes: exactly VNNI's vpdpbusd (4 products per int32 lane,
+# 32 per instruction on ymm) or AVX2's pmaddubsw + pmaddwd. LLVM does not form them from a loop,
+# so the row loop is emitted as IR here (as kernels_numba/simd.py does for int4/int8).
+
+def _isa() -> str:
+    forced = os.environ.get("EDGERUN_SIMD", "").strip().lower()
+    if forced in ("vnni", "avx2", "generic"):
+        return forced
+    try:
+        f = llvm.get_host_cpu_features()
+    except RuntimeError:
+        return "generic"
+    if f.get("avx512vnni") and f.get("avx512vl") or f.get("avxvnni"):
+        return "vnni"
+    return "avx2" if f.get("avx2") else "generic"
+
+
+ISA = _isa()
+_i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_v32i8, _v32i16, _v16i16, _v8i32, _v32i32 = (ir.VectorType(_i8, 32), ir.VectorType(_i16, 32),
+                                             ir.VectorType(_i16, 16), ir.VectorType(_i32, 8),
+                                             ir.VectorType(_i32, 32))
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _udot_acc(builder, acc, u, s):
+    """acc (<8 x i32>) + lane sums of 4 consecutive products u * s (32 unsigned, 32 signed bytes)."""
+    if ISA == "vnni":
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.256", _v8i32,
+                     [acc, builder.bitcast(u, _v8i32), builder.bitcast(s, _v8i32)])
+    if ISA == "avx2":         # u <= 2: the 16-bit pair sums of pmaddubsw cannot saturate
+        p16 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _v16i16, [u, s])
+        return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", _v8i32,
+                                      [p16, ir.Constant(_v16i16, [1] * 16)]))
+    prod = builder.mul(builder.zext(u, _v32i32), builder.sext(s, _v32i32))
+    for k in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(prod, prod, ir.Constant(_v8i32, [4 * l + k for l in range(8)])))
+    return acc
+
+
+def _data(context, builder, aty, aval):
+    a = context.make_array(aty)(context, builder, aval)
+    return builder.ptrtoint(a.data, _i64), builder.extract_value(a.shape, 0)
+
+
+def _load32(builder, base, off):
+    ld = builder.load(builder.inttoptr(builder.add(base, off), _v32i8.as_pointer()))
+    ld.align = 1
+    return ld
+
+
+def _hsum(builder, v):
+    r = builder.extract_element(v, ir.Constant(_i32, 0))
+    for i in range(1, 8):
+        r = builder.add(r, builder.extract_element(v, ir.Constant(_i32, i)))
+    return r
+
+
+def _digits_t2(builder, c):
+    """<32 x i8> codes -> the 4 code planes (0..2) as <32 x i8>."""
+    three = ir.Constant(_v32i8, [3] * 32)
+    return [builder.and_(builder.lshr(c, ir.Constant(_v32i8, [2 * i] * 32)), three) if i < 3
+            else builder.lshr(c, ir.Constant(_v32i8, [6] * 32)) for i in range(4)]
+
+
+def _digits_t3(builder, q):
+    """<32 x i8> base-3 bytes -> the 5 trit planes (0..2): ((q * 3**i) & 255) * 3 >> 8."""
+    out = []
+    # q in the high byte of 16-bit lanes: mullo by 3**i leaves ((q * 3**i) & 255) << 8 (the mask
+    # for free), and mulhi_u by 3 then gives ((q * 3**i) & 255) * 3 >> 8: two multiplies a digit
+    qh = builder.shl(builder.zext(q, _v32i16), ir.Constant(_v32i16, [8] * 32))
+    for m in (1, 3, 9, 27, 81):
+        t = builder.mul(qh, ir.Constant(_v32i16, [m] * 32)) if m > 1 else qh
+        d = builder.lshr(builder.mul(builder.zext(t, _v32i32), ir.Constant(_v32i32, [3] * 32)),
+                         ir.Constant(_v32i32, [16] * 32))          # LLVM selects vpmulhuw
+        out.append(builder.trunc(d, _v32i8))
+    return out
+
+
+def _planes_dot(digits, nplanes):
+    """An intrinsic (codes row, plane 0, ..., plane P-1) -> int32 sum(code * x): the row's bytes
+    in steps of 32; digits(builder, <32 x i8>) gives the P code planes of 32 bytes."""
+    def impl(typingctx, codes, *planes):
+        if len(planes) != nplanes or codes.layout != "C" or any(p.layout != "C" for p in planes):
+            return None
+        sig = types.int32(codes, *planes)
+
+        def codegen(context, builder, sig_, args):
+            cbase, nbytes = _data(context, builder, sig_.args[0], args[0])
+            pbase = [_data(context, builder, sig_.args[i + 1], args[i + 1])[0] for i in range(nplanes)]
+            # one accumulator per plane: a single vpdpbusd chain would wait on its 5-cycle latency
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_v8i32, None)) for _ in range(nplanes)]
+            steps = builder.udiv(nbytes, ir.Constant(_i64, 32))
+            with cgutils.for_range(builder, steps) as loop:
+                off = builder.mul(loop.index, ir.Constant(_i64, 32))
+                for i, d in enumerate(digits(builder, _load32(builder, cbase, off))):
+                    builder.store(_udot_acc(builder, builder.load(accs[i]), d, _load32(builder, pbase[i], off)),
+                                  accs[i])
+            total = builder.load(accs[0])
+            for a in accs[1:]:
+                total = builder.add(total, builder.load(a))
+            return _hsum(builder, total)
+        return sig, codegen
+    return impl
+
+
+def _t2_dot(typingctx, codes, x0, x1, x2, x3):
+    return _planes_dot(_digits_t2, 4)(typingctx, codes, x0, x1, x2, x3)
+
+
+def _t3_dot(typingctx, codes, x0, x1, x2, x3, x4):
+    return _planes_dot(_digits_t3, 5)(typingctx, codes, x0, x1, x2, x3, x4)
+
+
+dot_t2_simd = intrinsic(_t2_dot)
+dot_t3_simd = intrinsic(_t3_dot)
+
+
+@njit(inline="always")
+def _dot_t2_loop(crow, x0, x1, x2, x3):
+    """sum(code * x) over a row (TernaryWeight layout, activations in planes), int32.
+    The np.int32(...) truncation each step lets LLVM keep the arithmetic in 16/32-bit lanes
+    (Numba types integer expressions as int64): vpmaddwd / vpdpwssd, 16 lanes."""
+    acc = np.int32(0)
+    for k in range(crow.shape[0]):
+        c = crow[k]
+        acc = np.int32(acc + (c & 3) * x0[k] + ((c >> 2) & 3) * x1[k] + ((c >> 4) & 3) * x2[k] + (c >> 6) * x3[k])
+    return acc
+
+
+@njit(inline="always")
+def _unpack_t2_row(crow, dst):
+    """codes -> int8 trits (padded length)."""
+    for b in range(crow.shape[0] // KB):
+        cb = crow[b * KB:(b + 1) * KB]
+        d0 = dst[b * TB:b * TB + 32]
+        d1 = dst[b * TB + 32:b * TB + 64]
+        d2 = dst[b * TB + 64:b * TB + 96]
+        d3 = dst[b * TB + 96:(b + 1) * TB]
+        for j in range(KB):
+            c = np.int32(cb[j])
+            d0[j] = np.int8((c & 3) - 1)
+            d1[j] = np.int8(((c >> 2) & 3) - 1)
+            d2[j] = np.int8(((c >> 4) & 3) - 1)
+            d3[j] = np.int8((c >> 6) - 1)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_ternary(x, codes, scales, n, out):
+    """TernaryWeight (codes (out, nb*32) uint8, scales (1,)|(out,) float32) with int8 activations."""
+    T = x.shape[0]
+    rows, nbytes = codes.shape
+    nb = nbytes // KB
+    xq, xs, xsum = _quantized(x, nb * TB)
+    per_row = scales.shape[0] > 1
+    if T == 1:
+        xp = np.empty((4, nbytes), np.int8)
+        _to_planes(xq[0], xp)
+        x0, x1, x2, x3 = xp[0], xp[1], xp[2], xp[3]
+        f, bias = xs[0], xsum[0]
+        for r in prange(rows):
+            s = scales[r] if per_row else scales[0]
+            out[0, r] = np.float32(dot_t2_simd(codes[r], x0, x1, x2, x3) - bias) * f * s
+        return
+    zero = np.zeros(T, np.int32)
+    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = blk * ROW_BLOCK
+        nr = min(ROW_BLOCK, rows - r0)
+        buf = np.empty((nr, nb * TB), np.int8)
+        rs = np.empty(nr, np.float32)
+        for i in range(nr):
+            _unpack_t2_row(codes[r0 + i], buf[i])
+            rs[i] = scales[r0 + i] if per_row else scales[0]
+        _int_block_dots(buf, nr, xq, xs, rs, out, r0, zero)
+
+
+@njit(parallel=True, **JIT)
+def embed_ternary(ids, codes, scales, n, out):
+    per_row = scales.shape[0] > 1
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        t = np.empty(codes.shape[1] * 4, np.int8)
+        _unpack_t2_row(codes[r], t)
+        s = scales[r] if per_row else scales[0]
+        for j in range(out.shape[1]):
+            out[i, j] = np.float32(t[j]) * s
+
+
+# ------------------------------------------------------------------ ternary, base 3 (1.6 bits)
+
+@njit(inline="always")
+def _dot_t3_loop(crow, x0, x1, x2, x3, x4):
+    """sum(code * x) over a row (TernaryB3Weight layout, activations in 5 planes), int32.
+    Digit i of byte q: ((q * 3**i) & 255) * 3 >> 8."""
+    acc = np.int32(0)
+    for k in range(crow.shape[0]):
+        q = np.int32(crow[k])
+        acc = np.int32(acc + ((q * 3) >> 8) * x0[k]
+                       + ((((q * 3) & 255) * 3) >> 8) * x1[k]
+                       + ((((q * 9) & 255) * 3) >> 8) * x2[k]
+                       + ((((q * 27) & 255) * 3) >> 8) * x3[k]
+                       + ((((q * 81) & 255) * 3) >> 8) * x4[k])
+    return acc
+
+
+@njit(inline="always")
+def _unpack_t3_row(crow, dst):
+    for b in range(crow.shape[0] // KB):
+        cb = crow[b * KB:(b + 1) * KB]
+        d0 = dst[b * TB3:b * TB3 + 32]
+        d1 = dst[b * TB3 + 32:b * TB3 + 64]
+        d2 = dst[b * TB3 + 64:b * TB3 + 96]
+        d3 = dst[b * TB3 + 96:b * TB3 + 128]
+        d4 = dst[b * TB3 + 128:(b + 1) * TB3]
+        for j in range(KB):
+            q = np.int32(cb[j])
+            d0[j] = np.int8(((q * 3) >> 8) - 1)
+            d1[j] = np.int8(((((q * 3) & 255) * 3) >> 8) - 1)
+            d2[j] = np.int8(((((q * 9) & 255) * 3) >> 8) - 1)
+            d3[j] = np.int8(((((q * 27) & 255) * 3) >> 8) - 1)
+            d4[j] = np.int8(((((q * 81) & 255) * 3) >> 8) - 1)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_ternary_b3(x, codes, scales, n, out):
+    """TernaryB3Weight with int8 activations."""
+    T = x.shape[0]
+    rows, nbytes = codes.shape
+    nb = nbytes // KB
+    xq, xs, xsum = _quantized(x, nb * TB3)
+    per_row = scales.shape[0] > 1
+    if T == 1:
+        xp = np.empty((5, nbytes), np.int8)
+        _to_planes(xq[0], xp)
+        f, bias = xs[0], xsum[0]
+        for r in prange(rows):
+            s = scales[r] if per_row else scales[0]
+            out[0, r] = np.float32(dot_t3_simd(codes[r], xp[0], xp[1], xp[2], xp[3], xp[4]) - bias) * f * s
+        return
+    zero = np.zeros(T, np.int32)
+    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = blk * ROW_BLOCK
+        nr = min(ROW_BLOCK, rows - r0)
+        buf = np.empty((nr, nb * TB3), np.int8)
+        rs = np.empty(nr, np.float32)
+        for i in range(nr):
+            _unpack_t3_row(codes[r0 + i], buf[i])
+            rs[i] = scales[r0 + i] if per_row else scales[0]
+        _int_block_dots(buf, nr, xq, xs, rs, out, r0, zero)
+
+
+@njit(parallel=True, **JIT)
+def embed_ternary_b3(ids, codes, scales, n, out):
+    per_row = scales.shape[0] > 1
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        t = np.empty(codes.shape[1] // KB * TB3, np.int8)
+        _unpack_t3_row(codes[r], t)
+        s = scales[r] if per_row else scales[0]
+        for j in range(out.shape[1]):
+            out[i, j] = np.float32(t[j]) * s
+
+
+# ------------------------------------------------------------------ binary
+
+@njit(inline="always")
+def _dot_bits(bg, xg, gb):
+    """sum over the set bits of one group: bit i of byte j <-> xg[i * gb + j]; int32."""
+    acc = np.int32(0)
+    x0 = xg[0:gb]
+    x1 = xg[gb:2 * gb]
+    x2 = xg[2 * gb:3 * gb]
+    x3 = xg[3 * gb:4 * gb]
+    x4 = xg[4 * gb:5 * gb]
+    x5 = xg[5 * gb:6 * gb]
+    x6 = xg[6 * gb:7 * gb]
+    x7 = xg[7 * gb:8 * gb]
+    for j in range(gb):
+        c = bg[j]
+        acc = np.int32(acc + (c & 1) * x0[j] + ((c >> 1) & 1) * x1[j] + ((c >> 2) & 1) * x2[j]
+                       + ((c >> 3) & 1) * x3[j] + ((c >> 4) & 1) * x4[j] + ((c >> 5) & 1) * x5[j]
+                       + ((c >> 6) & 1) * x6[j] + (c >> 7) * x7[j])
+    return acc
+
+
+@njit(inline="always")
+def _unpack_bits_row(brow, group, dst):
+    """bits -> int8 signs (+1 / -1), padded length."""
+    gb = group // 8
+    for g in range(brow.shape[0] // gb):
+        bg = brow[g * gb:(g + 1) * gb]
+        dg = dst[g * group:(g + 1) * group]
+        for i in range(8):
+            di = dg[i * gb:(i + 1) * gb]
+            for j in range(gb):
+                di[j] = np.int8(((np.int32(bg[j]) >> i) & 1) * 2 - 1)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_binary(x, bits, scales, group, n, out):
+    """BinaryWeight (bits (out, ng*group/8) uint8, scales (out, ng) f16 bits) with int8 activations:
+    per group, sum(sign * x) = 2 * sum(x where bit) - sum(x)."""
+    T = x.shape[0]
+    rows = bits.shape[0]
+    ng = scales.shape[1]
+    gb = group // 8
+    xq, xs, xsum = _quantized(x, ng * group)
+    gsum = np.empty((T, ng), np.int32)              # per-group sums of the quantized activations
+    for t in range(T):
+        for g in range(ng):
+            gsum[t, g] = _isum(xq[t, g * group:(g + 1) * group], group)
+    if T == 1:
+        x0, f = xq[0], xs[0]
+        for r in prange(rows):
+            acc = np.float32(0.0)
+            for g in range(ng):
+                s = _dot_bits(bits[r, g * gb:(g + 1) * gb], x0[g * group:(g + 1) * group], gb)
+                acc += half_to_float(scales[r, g]) * np.float32(2 * s - gsum[0, g])
+            out[0, r] = acc * f
+        return
+    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = blk * ROW_BLOCK
+        nr = min(ROW_BLOCK, rows - r0)
+        buf = np.empty((nr, ng * group), np.int8)
+        for i in range(nr):
+            _unpack_bits_row(bits[r0 + i], group, buf[i])
+        for t in range(T):
+            for i in range(nr):
+                acc = np.float32(0.0)
+                for g in range(ng):
+                    s = _idot(buf[i, g * group:(g + 1) * group], xq[t, g * group:(g + 1) * group], group)
+                    acc += half_to_float(scales[r0 + i, g]) * np.float32(s)
+                out[t, r0 + i] = acc * xs[t]
+
+
+@njit(inline="always")
+def _isum(a, n):
+    s = np.int32(0)
+    for j in range(n):
+        s = np.int32(s + a[j])
+    return s
+
+
+@njit(parallel=True, **JIT)
+def embed_binary(ids, bits, scales, group, n, out):
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        t = np.empty(scales.shape[1] * group, np.int8)
+        _unpack_bits_row(bits[r], group, t)
+        for j in range(out.shape[1]):
+            out[i, j] = np.float32(t[j]) * half_to_float(scales[r, j // group])
+
+
+# ------------------------------------------------------------------ 2:4 sparse
+
+@njit(inline="always")
+def _unpack_24_row(vrow, mrow, s, dst):
+    """kept values -> dense float32 row (zeros elsewhere)."""
+    dst[:] = 0.0
+    for g in range(vrow.shape[0] // 2):
+        nib = (np.int32(mrow[g >> 1]) >> ((g & 1) * 4)) & 15
+        dst[4 * g + (nib & 3)] = s * as_value(vrow[2 * g])
+        dst[4 * g + (nib >> 2)] = s * as_value(vrow[2 * g + 1])
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_sparse24(x, vals, meta, scales, out):
+    """Sparse24Weight: vals (out, n/2) int8 | f16 bits, meta (out, ceil(n/8)) uint8 (two groups a
+    byte, low nibble first; nibble = p0 | p1 << 2), scales (out,) float32 or empty (f16)."""
+    T, n = x.shape
+    rows = vals.shape[0]
+    has_scales = scales.shape[0] > 0
+    ng = n // 4
+    if T == 1:
+        x0 = x[0]
+        for r in prange(rows):
+            vr = vals[r]
+            mr = meta[r]
+            acc = np.float32(0.0)
+            for k in range(ng // 2):
+                m = np.int32(mr[k])
+                xg = x0[8 * k:8 * k + 8]
+                vk = vr[4 * k:4 * k + 4]
+                acc += (as_value(vk[0]) * xg[m & 3] + as_value(vk[1]) * xg[(m >> 2) & 3]
+                        + as_value(vk[2]) * xg[4 + ((m >> 4) & 3)] + as_value(vk[3]) * xg[4 + (m >> 6)])
+            if ng % 2:
+                m = np.int32(mr[ng // 2])
+                g = ng - 1
+                acc += as_value(vr[2 * g]) * x0[4 * g + (m & 3)] + as_value(vr[2 * g + 1]) * x0[4 * g + ((m >> 2) & 3)]
+            out[0, r] = acc * scales[r] if has_scales else acc
+        return
+    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = blk * ROW_BLOCK
+        nr = min(ROW_BLOCK, rows - r0)
+        buf = np.empty((nr, n), np.float32)
+        for i in range(nr):
+            _unpack_24_row(vals[r0 + i], meta[r0 + i], scales[r0 + i] if has_scales else np.float32(1.0), buf[i])
+        for t in range(T):
+            xt = x[t]
+            for i in range(nr):
+                bi = buf[i]
+                acc = np.float32(0.0)
+                for j in range(n):
+                    acc += bi[j] * xt[j]
+                out[t, r0 + i] = acc
+
+
+@njit(parallel=True, **JIT)
+def embed_sparse24(ids, vals, meta, scales, out):
+    has_scales = scales.shape[0] > 0
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        _unpack_24_row(vals[r], meta[r], scales[r] if has_scales else np.float32(1.0), out[i])
+
+
+# ------------------------------------------------------------------ unstructured (CSR)
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_csr(x, scales, row_ptr, cols, vals, n, out):
+    """CsrWeight: row r = vals[row_ptr[r]:row_ptr[r+1]] at cols[...]; w = scales[r] * value."""
+    T = x.shape[0]
+    rows = scales.shape[0]
+    if T == 1:
+        x0 = x[0]
+        for r in prange(rows):
+            a, b = row_ptr[r], row_ptr[r + 1]
+            vr = vals[a:b]
+            cr = cols[a:b]
+            acc = np.float32(0.0)
+            for k in range(b - a):
+                acc += as_value(vr[k]) * x0[np.int64(cr[k])]
+            out[0, r] = acc * scales[r]
+        return
+    xt = np.ascontiguousarray(x.T)                   # (n, T): each stored weight scales one row of it
+    for r in prange(rows):
+        acc = np.zeros(T, np.float32)
+        for k in range(row_ptr[r], row_ptr[r + 1]):
+            v = as_value(vals[k])
+            xc = xt[np.int64(cols[k])]
+            for t in range(T):
+                acc[t] += v * xc[t]
+        for t in range(T):
+            out[t, r] = acc[t] * scales[r]
+
+
+@njit(parallel=True, **JIT)
+def embed_csr(ids, scales, row_ptr, cols, vals, n, out):
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        out[i] = 0.0
+        for k in range(row_ptr[r], row_ptr[r + 1]):
+            out[i, np.int64(cols[k])] = scales[r] * as_value(vals[k])
+
+
+# ------------------------------------------------------------------ references
+
+def quantize_rows_int8_ref(x: np.ndarray):
+    """NumPy twin of quantize_rows_int8 (as transformers' BitLinear): -> (xq (T, n) int8, xs (T,) float32)."""
+    x = np.asarray(x, np.float32)
+    m = np.maximum(np.abs(x).max(axis=1), np.float32(1e-5)).astype(np.float32)
+    scale = (np.float32(127.0) / m).astype(np.float32)
+    xq = np.clip(np.rint(x * scale[:, None]), -128, 127).astype(np.int8)
+    return xq, (np.float32(1.0) / scale).astype(np.float32)
+
+
+def gemm_int8act_ref(x: np.ndarray, t: np.ndarray, scales: np.ndarray, group: int | None = None) -> np.ndarray:
+    """Ternary / binary GEMM reference: int8-quantized x (T, n) times integer weights t (out, n),
+    exact in int64, times the activation scale and the weight scales: (1,) per tensor, (out,) per
+    row, or (out, n // group) per group (then group is given)."""
+    xq, xs = quantize_rows_int8_ref(x)
+    xq, t = xq.astype(np.int64), t.astype(np.int64)
+    if group is None:
+        s = np.asarray(scales, np.float64).reshape(1, -1)
+        return ((xq @ t.T) * s * xs[:, None].astype(np.float64)).astype(np.float32)
+    out, n = t.shape
+    acc = np.zeros((x.shape[0], out), np.float64)
+    for g in range(scales.shape[1]):
+        sl = slice(g * group, min((g + 1) * group, n))
+        acc += (xq[:, sl] @ t[:, sl].T) * np.asarray(scales[:, g], np.float64)[None, :]
+    return (acc * xs[:, None]).astype(np.float32)
