@@ -418,3 +418,39 @@ def test_nxai_bad_slstm_kernel_is_refused(tmp_path):
     d = _save_nxai(model, cfg, tmp_path / "bad", state_dict=sd)
     with pytest.raises(ConversionError, match="neither the vanilla"):
         convert_and_load(d, "f32")
+
+
+def test_nxai_state_fork_and_save(tmp_path):
+    import edgerun
+    model, cfg = _nxai_model(seed=2)
+    m = convert_and_load(_save_nxai(model, cfg, tmp_path / "nx"), "f32")
+    ids = IDS[:24]
+    full = m.forward(ids)
+    st = m.new_state()
+    m.step(st, ids[:10])
+    st.save(tmp_path / "s.state")
+    fork = st.fork()
+    a = np.concatenate([m.step(st, [t]) for t in ids[10:]])
+    b = m.step(fork, ids[10:])
+    c = m.step(edgerun.load_state(tmp_path / "s.state", m), ids[10:])
+    for got in (a, b, c):
+        assert _err(got, full[10:]) < 1e-5
+
+
+@pytest.mark.slow
+def test_10000_decode_steps_equal_prefill(built, tmp_path):
+    """10,000 one-token steps (xLSTM-7B layout and NX-AI's mixed stack) end where one chunked
+    prefill of the same tokens ends: same last logits, finite bounded state."""
+    ids = [int(t) for t in np.random.default_rng(2).integers(2, 300, 10_000)]
+    model, cfg = _nxai_model(seed=3)
+    nx = convert_and_load(_save_nxai(model, cfg, tmp_path / "nx"), "f32")
+    for m in (built("4heads-ffn1.3")[2], nx):
+        st = m.new_state()
+        for t in ids[:-1]:
+            m.step(st, [t])
+        last = m.step(st, [ids[-1]])
+        st2 = m.new_state()
+        ref = m.step(st2, ids, last_only=True)
+        assert np.isfinite(last).all() and _err(last, ref) < F32_TOL, _err(last, ref)
+        for name, a in st.arrays.items():
+            assert np.isfinite(a).all() and np.abs(a).max() < 1e4, name
