@@ -62,6 +62,8 @@ class LLM:
         self.model = fam.Model(self.args, _weights(mf), self.ops)
         if kv_options and hasattr(self.model, "kv_options"):
             self.model.kv_options.update(kv_options)
+        if device == "cuda":                    # weights, KV blocks and activations move to the GPU
+            self.model = self.ops.prepare(self.model)
         self.tokenizer = Tokenizer.from_dict(mf.tokenizer)
 
     # -- contract of DESIGN.md

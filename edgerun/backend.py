@@ -301,7 +301,8 @@ def get_backend(device: str = "cpu"):
     if device not in ("cpu", "cuda"):
         raise InputError(f"unknown device {device!r}: choose cpu or cuda")
     if device == "cuda":
-        raise EdgerunError("device 'cuda' is not available yet in this edgerun (CPU only for now)")
+        from .backend_cuda import cuda_backend      # numba-cuda is imported only here (the `cuda` extra)
+        return cuda_backend()
     if device not in _BACKENDS:
         _BACKENDS[device] = CPUBackend()
     return _BACKENDS[device]

@@ -1,0 +1,213 @@
+"""GPU benchmark: device-to-device copy bandwidth, int8/int4 GEMV at 8192x8192 against it, and
+batch-1 decode of a ~1B Llama shape (random weights made on the device) against transformers
+(bf16, eager attention) on the same GPU in the same run.
+
+    python benchmarks/cuda_bench.py [--json OUT.json] [--tokens 128] [--skip-torch]
+
+Prints a table and writes the numbers as JSON. Needs an NVIDIA GPU and numba-cuda (and torch +
+transformers for the baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _events(cuda):
+    return cuda.event(timing=True), cuda.event(timing=True)
+
+
+def _spin(cuda, ms: float):
+    """Keep the GPU busy for about ms so that the launches queued behind it run back to back."""
+    from numba import cuda as c
+
+    @c.jit
+    def spin(n):
+        for _ in range(n):
+            c.nanosleep(1000000)
+    spin[1, 1](max(1, int(ms)))
+
+
+def copy_bandwidth(cuda, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = cuda.device_array(nbytes // 4, np.float32)
+    dst = cuda.device_array(nbytes // 4, np.float32)
+    dst.copy_to_device(src)
+    e0, e1 = _events(cuda)
+    e0.record()
+    for _ in range(reps):
+        dst.copy_to_device(src)
+    e1.record()
+    e1.synchronize()
+    return 2 * nbytes * reps / (cuda.event_elapsed_time(e0, e1) / 1e3)
+
+
+def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60) -> dict:
+    """GEMV n x n: weight bytes (values + scales) per second, copies rotated so L2 can't serve them."""
+    from edgerun.runner_cuda import random_weight
+    lin = ops._lin
+    copies = 3 if kind == "int8" else 5
+    ws = [random_weight(ops, kind, n, n, seed=17 + i, group=group) for i in range(copies)]
+    x = ops.to_device(np.random.default_rng(0).standard_normal((1, n)).astype(np.float32))
+    out = ops.empty((1, n))
+    for w in ws:
+        ops.matmul(x, w, out)
+    cuda.synchronize()
+    # correctness of one copy against the CPU kernel
+    from edgerun.kernels_numba import linear as cpu
+    w = ws[0]
+    ref = np.empty((1, n), np.float32)
+    if kind == "int8":
+        cpu.gemm_int8(x.copy_to_host(), w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16), w.group, ref)
+    else:
+        cpu.gemm_int4(x.copy_to_host(), w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16),
+                      np.zeros((0, 0), np.uint16), w.group, ref)
+    ops.matmul(x, w, out)
+    err = float(np.abs(out.copy_to_host() - ref).max() / np.abs(ref).max())
+    nbytes = w.a.nbytes + w.b.nbytes
+    best = []
+    for _ in range(3):
+        _spin(cuda, 30)
+        e0, e1 = _events(cuda)
+        e0.record()
+        for i in range(reps):
+            ops.matmul(x, ws[i % copies], out)
+        e1.record()
+        e1.synchronize()
+        best.append(cuda.event_elapsed_time(e0, e1) / 1e3 / reps)
+    t = float(np.median(best))
+    return {"kind": kind, "n": n, "group": w.group, "bytes": nbytes, "us": t * 1e6, "GBps": nbytes / t / 1e9,
+            "rel_err_vs_cpu": err}
+
+
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, rope_theta=500000.0)
+
+
+def edgerun_decode(cuda, ops, kind: str, prompt: int, tokens: int) -> dict:
+    from edgerun.models import llama
+    from edgerun.runner_cuda import random_llama
+    args = llama.ModelArgs.from_dict(LLAMA_1B)
+    m = random_llama(args, ops, kind=kind)
+    st = m.new_state()
+    ids = np.arange(1, prompt + 1, dtype=np.int64)
+    t0 = time.perf_counter()
+    logits = m(ids, st, last_only=True)
+    prefill_s = time.perf_counter() - t0
+    for _ in range(4):                                   # warm (compiles the decode kernels)
+        logits = m(np.array([int(logits[-1].argmax())]), st)
+    cuda.synchronize()
+    l0 = m.launches
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        logits = m(np.array([int(logits[-1].argmax())]), st)
+    dt = time.perf_counter() - t0
+    launches = (m.launches - l0) / tokens
+    # the same again with each launch call timed on the host: its share of the step
+    m.timing, m.launch_seconds = True, 0.0
+    t0 = time.perf_counter()
+    for _ in range(tokens // 2):
+        logits = m(np.array([int(logits[-1].argmax())]), st)
+    dt2 = time.perf_counter() - t0
+    # GPU time of one step's kernels, queued behind a spin so that launch gaps don't count
+    m.timing = False
+    _spin(cuda, 40)
+    e0, e1 = _events(cuda)
+    e0.record()
+    for _ in range(8):
+        logits = m(np.array([int(logits[-1].argmax())]), st)
+    e1.record()
+    e1.synchronize()
+    weight_bytes = sum(p.a.nbytes + p.b.nbytes for L in m.layers for p in (L.qkv_parts[0][0], L.wo, L.gu, L.wdown)) \
+        + m.head.a.nbytes + m.head.b.nbytes
+    return {"kind": kind, "tok_s": tokens / dt, "ms_per_token": dt / tokens * 1e3, "launches_per_token": launches,
+            "launch_host_share": m.launch_seconds / dt2, "launch_host_us_per_token": m.launch_seconds / (tokens // 2) * 1e6,
+            "gpu_ms_per_token_approx": None, "prefill_tokens": prompt, "prefill_s_first": prefill_s,
+            "weight_MB": weight_bytes / 1e6, "context_end": st.length}
+
+
+def torch_decode(prompt: int, tokens: int) -> dict:
+    import torch
+    import transformers
+    cfg = transformers.LlamaConfig(**LLAMA_1B, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.arange(1, prompt + 1, device="cuda")[None]
+    with torch.no_grad():
+        def run(n):
+            out = model(ids, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = model(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        run(8)
+        dt = run(tokens)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return {"tok_s": tokens / dt, "ms_per_token": dt / tokens * 1e3, "params": n_params,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--kinds", default="int8,int4")
+    a = ap.parse_args()
+    from numba import cuda
+    import numba
+    from edgerun.backend import get_backend
+    ops = get_backend("cuda")
+    dev = cuda.get_current_device()
+    res = {"device": dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name),
+           "numba": numba.__version__, "numpy": np.__version__}
+    try:
+        import numba_cuda
+        res["numba_cuda"] = numba_cuda.__version__
+    except Exception:
+        pass
+    print(res, flush=True)
+    res["copy_GBps"] = copy_bandwidth(cuda) / 1e9
+    print(f"device-to-device copy: {res['copy_GBps']:.0f} GB/s (read + write)", flush=True)
+    res["gemv"] = []
+    for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
+        g = gemv_bandwidth(cuda, ops, kind, group=group)
+        g["of_copy"] = g["GBps"] / res["copy_GBps"]
+        res["gemv"].append(g)
+        print(f"GEMV {kind} 8192x8192 group {g['group']}: {g['us']:.1f} us, {g['GBps']:.0f} GB/s = "
+              f"{100 * g['of_copy']:.0f}% of copy; rel err vs CPU {g['rel_err_vs_cpu']:.1e}", flush=True)
+    res["decode"] = []
+    for kind in a.kinds.split(","):
+        d = edgerun_decode(cuda, ops, kind, a.prompt, a.tokens)
+        res["decode"].append(d)
+        print(f"edgerun {kind} 1B decode: {d['tok_s']:.0f} tok/s ({d['ms_per_token']:.2f} ms/token), "
+              f"{d['launches_per_token']:.0f} launches/token, launch calls {d['launch_host_us_per_token']:.0f} us/token "
+              f"= {100 * d['launch_host_share']:.0f}% of the step", flush=True)
+    if not a.skip_torch:
+        t = torch_decode(a.prompt, a.tokens)
+        res["torch_bf16_eager"] = t
+        print(f"transformers {t['transformers']} bf16 eager: {t['tok_s']:.1f} tok/s ({t['params'] / 1e9:.2f}B params)")
+        for d in res["decode"]:
+            d["speedup_vs_torch"] = d["tok_s"] / t["tok_s"]
+            print(f"  edgerun {d['kind']}: {d['speedup_vs_torch']:.1f}x transformers")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

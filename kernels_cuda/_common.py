@@ -1,0 +1,130 @@
+"""Shared pieces of the CUDA kernels: warp/block reductions, bit casts, launch sizes.
+
+Under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1, used by CI, which has no GPU) the
+kernels run as Python threads. The simulator has no warp shuffles and no libdevice
+bit casts, so those two helpers have a simulator twin here: a warp sum through shared
+memory and a NumPy view. Every thread of a block must call warp_sum / block_sum (no
+divergent calls), which the kernels do anyway.
+"""
+import math
+
+import numpy as np
+from numba import cuda
+from numba.cuda.core import config
+
+SIM = bool(config.ENABLE_CUDASIM)
+F32 = np.dtype(np.float32)        # dtype objects, not classes: the simulator's shared arrays need itemsize
+U32 = np.uint32
+FULL = 0xFFFFFFFF
+# threads per block of most kernels: 8 warps on a GPU; 2 under the simulator, which runs every
+# thread as a Python thread (same code, fewer threads, tests 4x quicker)
+BLOCK = 64 if SIM else 256
+
+
+
+def device(fn):
+    """An inlined device function; under the simulator the plain Python function (its device
+    functions swap module globals on every call, which made the GEMV tests 10x slower).
+    Only for helpers that don't touch ``cuda.`` (thread indices, shared memory)."""
+    return fn if SIM else cuda.jit(device=True, inline=True)(fn)
+
+
+if SIM:      # device functions, so that the simulator gives them its fake cuda module
+    def bits_to_f32(i):
+        return np.uint32(np.int64(i) & 0xFFFFFFFF).view(np.float32)
+
+    @cuda.jit(device=True)
+    def warp_sum(v, red):
+        t = cuda.threadIdx.x
+        red[t] = v
+        cuda.syncthreads()
+        base = t - t % 32
+        s = np.float32(0.0)
+        for i in range(32):
+            s += red[base + i]
+        cuda.syncthreads()
+        return np.float32(s)
+
+    @cuda.jit(device=True)
+    def warp_sum4(a, b, c, d, red):
+        """Four warp sums behind one pair of barriers (red: shared (4 * blockDim,))."""
+        t = cuda.threadIdx.x
+        n = cuda.blockDim.x
+        red[t], red[n + t], red[2 * n + t], red[3 * n + t] = a, b, c, d
+        cuda.syncthreads()
+        base = t - t % 32
+        s = [np.float32(0.0)] * 4
+        for k in range(4):
+            acc = np.float32(0.0)
+            for i in range(32):
+                acc += red[k * n + base + i]
+            s[k] = acc
+        cuda.syncthreads()
+        return s[0], s[1], s[2], s[3]
+
+    @cuda.jit(device=True)
+    def warp_max(v, red):
+        t = cuda.threadIdx.x
+        red[t] = v
+        cuda.syncthreads()
+        base = t - t % 32
+        s = red[base]
+        for i in range(1, 32):
+            s = max(s, red[base + i])
+        cuda.syncthreads()
+        return np.float32(s)
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def bits_to_f32(i):
+        return libdevice.int_as_float(np.int32(i))
+
+    @cuda.jit(device=True, inline=True)
+    def warp_sum(v, red):
+        v += cuda.shfl_xor_sync(FULL, v, 16)
+        v += cuda.shfl_xor_sync(FULL, v, 8)
+        v += cuda.shfl_xor_sync(FULL, v, 4)
+        v += cuda.shfl_xor_sync(FULL, v, 2)
+        v += cuda.shfl_xor_sync(FULL, v, 1)
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def warp_sum4(a, b, c, d, red):
+        return warp_sum(a, red), warp_sum(b, red), warp_sum(c, red), warp_sum(d, red)
+
+    @cuda.jit(device=True, inline=True)
+    def warp_max(v, red):
+        v = max(v, cuda.shfl_xor_sync(FULL, v, 16))
+        v = max(v, cuda.shfl_xor_sync(FULL, v, 8))
+        v = max(v, cuda.shfl_xor_sync(FULL, v, 4))
+        v = max(v, cuda.shfl_xor_sync(FULL, v, 2))
+        v = max(v, cuda.shfl_xor_sync(FULL, v, 1))
+        return v
+
+
+@cuda.jit(device=True)
+def block_sum(v, red, part):
+    """Sum of v over the whole block (blockDim a multiple of 32, at most 1024); every thread gets it.
+    red: shared (blockDim,) scratch for the simulator's warp_sum; part: shared (32,)."""
+    t = cuda.threadIdx.x
+    nwarps = cuda.blockDim.x // 32
+    s = warp_sum(v, red)
+    if t % 32 == 0:
+        part[t // 32] = s
+    cuda.syncthreads()
+    tot = np.float32(0.0)
+    for i in range(nwarps):
+        tot += part[i]
+    cuda.syncthreads()
+    return tot
+
+
+def blocks(n: int, per: int) -> int:
+    return max(1, -(-int(n) // per))
+
+
+def log2_exact(n: int) -> int:
+    """log2 of a power of two, -1 otherwise."""
+    n = int(n)
+    return int(math.log2(n)) if n > 0 and n & (n - 1) == 0 else -1

@@ -1,0 +1,321 @@
+"""CUDA kernels (kernels_cuda/) and the GPU backend against NumPy references, the CPU kernels
+and the CPU backend's logits.
+
+Without a GPU these run under the CUDA simulator: NUMBA_ENABLE_CUDASIM is set below before
+numba.cuda is first imported (numba's CPU JIT does not read it, and nothing else in the test
+suite imports numba.cuda, so the CPU tests in the same process are unaffected). With a CUDA
+driver present the same tests run on the GPU; tests marked ``gpu`` (sizes the simulator
+would take minutes over) run only there: ``pytest tests/test_cuda.py -m "gpu or not gpu"``.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def _cuda_driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+if "numba.cuda" not in sys.modules and not _cuda_driver_present():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (pip install 'edgerun[cuda]')")
+
+from numba import cuda  # noqa: E402
+from numba.cuda.core import config as cuda_config  # noqa: E402
+
+from edgerun.packed import CODECS  # noqa: E402
+from edgerun.kernels_numba import linear as cpu_lin, ops as cpu_ops, paged_attention as cpu_attn  # noqa: E402
+
+SIM = bool(cuda_config.ENABLE_CUDASIM)
+if not SIM and not cuda.is_available():
+    pytest.skip("a CUDA driver is present but no usable GPU", allow_module_level=True)
+
+from edgerun.kernels_cuda import linear as glin, ops as gops, paged_attention as gattn  # noqa: E402
+
+from conftest import convert_and_load, rel_err  # noqa: E402
+
+rng = np.random.default_rng(7)
+
+
+def dev(a):
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def check(got, ref, tol, what):
+    got = got.copy_to_host() if hasattr(got, "copy_to_host") else got
+    err = np.abs(got.astype(np.float64) - ref)
+    scale = max(np.abs(ref).max(), 1e-30)
+    assert err.max() <= tol * scale, f"{what}: max err {err.max():.3g} (rel {err.max() / scale:.3g}), mean {err.mean():.3g}"
+
+
+def pack(kind, w, **params):
+    c = CODECS[kind]
+    return c.container(*c.pack(w, **params))
+
+
+# ------------------------------------------------------------------ matmuls
+
+CASES = [("int8", dict(group=None)), ("int8", dict(group=32)), ("int4", dict(group=32)),
+         ("int4", dict(group=32, symmetric=False)), ("int4", dict(group=64)), ("f16", {}), ("bf16", {}), ("f32", {})]
+
+
+def _dev_fields(w):
+    """A packed container's fields as the CUDA gemm_/embed_ functions take them (float16 scales as float16)."""
+    f = [np.asarray(a) for a in w if isinstance(a, np.ndarray)]
+    f = [a.view(np.float16) if a.dtype == np.uint16 and a.ndim == 2 and i > 0 else a for i, a in enumerate(f)]
+    if getattr(w, "dtype", None) == "f16":
+        f = [w.w.view(np.float16)]
+    out = [dev(a) if a.size else glin.dummy(2) for a in f]
+    return out + [w.group] if hasattr(w, "group") else out
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("kind,params", CASES, ids=[f"{k}-{p}" for k, p in CASES])
+def test_gemm_matches_cpu_and_ref(kind, params, T):
+    rows, n = 37, 128                                  # rows not a multiple of a block's 32 (or 8)
+    w32 = rng.standard_normal((rows, n)).astype(np.float32)
+    w = pack(kind, w32, **params)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    ref = cpu_lin.gemm_ref(x, CODECS[kind].unpack(w))
+    cpu = np.empty((T, rows), np.float32)
+    getattr(cpu_lin, f"gemm_{kind}")(x, *[a for a in w if not isinstance(a, str)], cpu)
+    out = cuda.device_array((T, rows), np.float32)
+    getattr(glin, f"gemm_{kind}")(dev(x), *_dev_fields(w), out)
+    check(out, ref, 1e-5, f"gemm_{kind} vs ref")
+    check(out, cpu, 1e-5, f"gemm_{kind} vs CPU kernel")
+
+
+@pytest.mark.parametrize("kind,params", CASES[:4], ids=[f"{k}-{p}" for k, p in CASES[:4]])
+def test_embed_matches_cpu(kind, params):
+    w = pack(kind, rng.standard_normal((20, 64)).astype(np.float32), **params)
+    ids = np.array([3, 0, 19, 3], np.int64)
+    cpu = np.empty((4, 64), np.float32)
+    getattr(cpu_lin, f"embed_{kind}")(ids, *[a for a in w if not isinstance(a, str)], cpu)
+    out = cuda.device_array((4, 64), np.float32)
+    getattr(glin, f"embed_{kind}")(dev(ids), *_dev_fields(w), out)
+    check(out, cpu_lin.embed_ref(ids, CODECS[kind].unpack(w)), 1e-6, "embed vs ref")
+    check(out, cpu, 1e-6, "embed vs CPU kernel")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "f16"])
+def test_gemv_fused_norm_bias_act(kind):
+    """The decode GEMV's fusions: RMSNorm of x first, + bias / residual, act(gate) * up on row pairs."""
+    from edgerun.backend import get_backend
+    ops = get_backend("cuda")
+    rows, n = 48, 64
+    w = pack(kind, rng.standard_normal((rows, n)).astype(np.float32), **({"group": 32} if kind != "f16" else {}))
+    W = CODECS[kind].unpack(w).astype(np.float64)
+    dw = ops.upload(w)
+    x = rng.standard_normal((1, n)).astype(np.float32)
+    nw = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    xn = cpu_ops.rms_norm_ref(x, nw, 1e-5).astype(np.float64)
+    out = ops.empty((1, rows))
+    ops.matmul(dev(x), dw, out, norm_w=dev(nw), eps=1e-5, bias=dev(bias))
+    check(out, xn @ W.T + bias, 1e-5, "norm + matmul + bias")
+    res = dev(x[:, :rows] if rows <= n else None)
+    out = dev(x[:, :rows].copy())
+    ops.matmul(dev(x), dw, out, res=out)                        # in-place residual add, as the decoder does
+    check(out, x[:, :rows] + x.astype(np.float64) @ W.T, 1e-5, "matmul + residual")
+    del res
+    for act, ref_fn in ((1, cpu_ops.silu_mul_ref), (2, cpu_ops.gelu_tanh_mul_ref)):
+        out = ops.empty((1, rows // 2))
+        ops.matmul(dev(x), dw, out, norm_w=dev(nw), eps=1e-5, act=act)
+        y = xn @ W.T
+        check(out, ref_fn(y[:, 0::2], y[:, 1::2]), 1e-5, f"norm + matmul + act {act} on row pairs")
+
+
+# ------------------------------------------------------------------ elementwise
+
+def test_elementwise_ops_match_cpu():
+    T, H, d = 3, 4, 16
+    x = rng.standard_normal((T, 40)).astype(np.float32)
+    w = (1 + 0.2 * rng.standard_normal(40)).astype(np.float32)
+    out = cuda.device_array_like(x)
+    gops.rms_norm(dev(x), dev(w), 1e-5, out)
+    check(out, cpu_ops.rms_norm_ref(x, w, 1e-5), 1e-5, "rms_norm")
+
+    qh = rng.standard_normal((T, H, d)).astype(np.float32)
+    hw = (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)
+    g = dev(qh)
+    gops.rms_norm_heads(g, dev(hw), 1e-6)
+    c = qh.copy()
+    cpu_ops.rms_norm_heads(c, hw, np.float32(1e-6))
+    check(g, c, 1e-5, "rms_norm_heads")
+
+    pos = np.array([0, 5, 1000], np.int64)
+    inv = (1.0 / 10000 ** (np.arange(0, 12, 2) / 12)).astype(np.float32)      # partial rotary: 12 of 16 dims
+    g = dev(qh)
+    gops.rope(g, dev(pos), dev(inv), 1.0)
+    check(g, cpu_ops.rope_ref(qh, pos, inv), 1e-5, "rope")
+
+    a, b = rng.standard_normal((2, T, 50)).astype(np.float32)
+    for name, ref in (("silu_mul", cpu_ops.silu_mul_ref), ("gelu_tanh_mul", cpu_ops.gelu_tanh_mul_ref)):
+        out = cuda.device_array_like(a)
+        getattr(gops, name)(dev(a), dev(b), out)
+        check(out, ref(a, b), 1e-5, name)
+    g = dev(a)
+    gops.add_inplace(g, dev(b))
+    check(g, a + b, 1e-6, "add_inplace")
+    gops.scale_inplace(g, 3.0)
+    check(g, 3 * (a + b), 1e-6, "scale_inplace")
+    g = dev(a)
+    gops.add_rms_norm(g, dev(b), dev(w[:1].repeat(50)), 1e-6)
+    check(g, a + cpu_ops.rms_norm_ref(b, w[:1].repeat(50), 1e-6), 1e-5, "add_rms_norm")
+
+
+# ------------------------------------------------------------------ paged attention
+
+def _pools(n_blocks, n_kv, bs, d):
+    kp = rng.standard_normal((n_blocks, n_kv, bs, d)).astype(np.float32)
+    vp = rng.standard_normal((n_blocks, n_kv, bs, d)).astype(np.float32)
+    return kp, vp
+
+
+@pytest.mark.parametrize("T,start,window,softcap", [(1, 37, 0, 0.0), (1, 37, 9, 0.0), (5, 0, 0, 0.0),
+                                                    (4, 20, 7, 30.0)])
+def test_paged_attention_matches_cpu(T, start, window, softcap):
+    H, n_kv, d, bs = 4, 2, 16, 8
+    kp, vp = _pools(12, n_kv, bs, d)
+    table = rng.permutation(12).astype(np.int32)
+    q = rng.standard_normal((T, H, d)).astype(np.float32)
+    k, v = rng.standard_normal((2, T, n_kv, d)).astype(np.float32)
+    ck, cv = kp.copy(), vp.copy()
+    cpu_attn.store_kv_paged(k, v, ck, cv, table, start)
+    ref = np.empty_like(q)
+    dummy = np.zeros((1, 1, 1), np.float32)
+    cpu_attn.paged_attention(q, ck, cv, dummy, dummy, False, table, start, np.float32(0.25), window,
+                             np.float32(softcap), ref)
+    gk, gv = dev(kp), dev(vp)
+    gattn.store_kv_paged(dev(k), dev(v), gk, gv, dev(table), start)
+    check(gk, ck, 0, "stored keys")
+    out = cuda.device_array_like(q)
+    gattn.paged_attention(dev(q), gk, gv, None, None, False, dev(table), start, 0.25, window, softcap, out)
+    check(out, ref, 1e-5, "paged attention")
+
+
+def test_rope_store_matches_cpu_steps():
+    """QK-norm + RoPE + KV store from the fused qkv rows, as the CPU model does it in three ops."""
+    T, H, KV, d, bs, start = 3, 4, 2, 16, 8, 6
+    qkv = rng.standard_normal((T, (H + 2 * KV) * d)).astype(np.float32)
+    qn, kn = (1 + 0.2 * rng.standard_normal((2, d))).astype(np.float32)
+    inv = (1.0 / 10000 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    table = np.array([3, 1, 0, 2], np.int32)
+    pos = np.arange(start, start + T)
+    q = qkv[:, :H * d].reshape(T, H, d).copy()
+    k = qkv[:, H * d:(H + KV) * d].reshape(T, KV, d).copy()
+    v = qkv[:, (H + KV) * d:].reshape(T, KV, d).copy()
+    cpu_ops.rms_norm_heads(q, qn, np.float32(1e-6))
+    cpu_ops.rms_norm_heads(k, kn, np.float32(1e-6))
+    q, k = cpu_ops.rope_ref(q, pos, inv), cpu_ops.rope_ref(k, pos, inv)
+    ck, cv = np.zeros((2, 4, KV, bs, d), np.float32)
+    cpu_attn.store_kv_paged(k, v, ck, cv, table, start)
+    gk, gv = dev(np.zeros_like(ck)), dev(np.zeros_like(cv))
+    gq = cuda.device_array((T, H, d), np.float32)
+    gattn.rope_store_kernel[(T, H + KV), 32](dev(qkv), H, dev(qn), dev(kn), np.float32(1e-6), start, dev(inv),
+                                             np.float32(1.0), gk, gv, dev(table), gq)
+    check(gq, q, 1e-5, "q")
+    check(gk, ck, 1e-5, "k blocks")
+    check(gv, cv, 0, "v blocks")
+
+
+# ------------------------------------------------------------------ whole models: GPU logits = CPU logits
+
+def _load_cpu_float(path):
+    """The CPU backend with float32 activations (the GPU kernels don't quantize activations)."""
+    import edgerun
+    try:
+        return edgerun.load(path, act_quant=False)
+    except TypeError:              # an edgerun without activation quantization
+        return edgerun.load(path)
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=2)
+MODELS = [
+    ("LlamaForCausalLM", "int8", {}),
+    ("Qwen2ForCausalLM", "int4", dict(use_sliding_window=False)),
+    ("Gemma3ForCausalLM", "int8", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                       final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])),
+]
+MODELS_GPU = [
+    ("Qwen3ForCausalLM", "int8", dict(head_dim=16)),
+    ("MistralForCausalLM", "int4", dict(sliding_window=5)),
+    ("LlamaForCausalLM", "f16", {}),
+]
+
+
+def _logits_match(hf_dir_factory, arch, quant, cfg, prompt_len=5, steps=2):
+    import edgerun
+    _, d = hf_dir_factory(arch, **{**TINY, **cfg})
+    m_cpu = convert_and_load(d, quant)
+    path = m_cpu.file.path if hasattr(m_cpu.file, "path") else None
+    path = path or next(d.parent.glob(f"{d.name}-{quant}-*.edr"))
+    cpu = _load_cpu_float(path)
+    gpu = edgerun.load(path, device="cuda")
+    ids = [int(i) for i in rng.integers(2, 290, prompt_len + steps)]
+    ref_all = cpu.forward(ids)
+    check(gpu.forward(ids), ref_all, 1e-3, f"{arch} {quant} prefill logits")
+    st_c, st_g = cpu.new_state(), gpu.new_state()
+    cpu.step(st_c, ids[:prompt_len])
+    gpu.step(st_g, ids[:prompt_len])
+    for t in ids[prompt_len:]:                                  # one-token steps: the fused decode path
+        check(gpu.step(st_g, [t]), cpu.step(st_c, [t]), 1e-3, f"{arch} {quant} decode logits")
+
+
+@pytest.mark.parametrize("arch,quant,cfg", MODELS, ids=[f"{a}-{q}" for a, q, _ in MODELS])
+def test_model_logits_gpu_equal_cpu(hf_dir_factory, arch, quant, cfg):
+    _logits_match(hf_dir_factory, arch, quant, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch,quant,cfg", MODELS_GPU, ids=[f"{a}-{q}" for a, q, _ in MODELS_GPU])
+def test_model_logits_gpu_equal_cpu_more(hf_dir_factory, arch, quant, cfg):
+    _logits_match(hf_dir_factory, arch, quant, {**cfg, "num_hidden_layers": 3}, prompt_len=40, steps=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,group", [("int8", 4096), ("int8", 32), ("int4", 32), ("int4", 128)])
+def test_gemv_large_shapes(kind, group):
+    """Decode GEMV at model sizes (the simulator would take minutes): 4096+32 inputs, odd row count."""
+    rows, n = 1000 + 3, 4096
+    w = pack(kind, rng.standard_normal((rows, n)).astype(np.float32), group=group)
+    x = rng.standard_normal((1, n)).astype(np.float32)
+    out = cuda.device_array((1, rows), np.float32)
+    getattr(glin, f"gemm_{kind}")(dev(x), *_dev_fields(w), out)
+    check(out, cpu_lin.gemm_ref(x, CODECS[kind].unpack(w)), 1e-5, f"gemv {kind} {group}")
+
+
+def test_device_errors_are_clear():
+    """No GPU (or no numba-cuda): get_backend('cuda') raises EdgerunError naming the problem. Run in a
+    subprocess without the simulator, since this process's numba.cuda may be the simulator."""
+    code = ("from edgerun.backend import get_backend\nfrom edgerun.errors import EdgerunError\n"
+            "try:\n    get_backend('cuda')\n    print('OK')\nexcept EdgerunError as e:\n    print('ERR', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr
+    if _cuda_driver_present() and line == "OK":
+        return
+    assert line.startswith("ERR device 'cuda'"), line
+
+
+def test_unsupported_family_is_refused():
+    from edgerun.backend import get_backend
+    from edgerun.errors import EdgerunError
+
+    class Other:
+        pass
+    with pytest.raises(EdgerunError, match="not on the GPU yet"):
+        get_backend("cuda").prepare(Other())
