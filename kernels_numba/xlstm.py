@@ -34,7 +34,9 @@ from numba import njit, prange
 from ._common import FASTMATH, JIT
 from .ssm import fast_exp
 
-_NEG_INF = np.float32(-np.inf)
+# divisions by zero give inf/nan as in NumPy instead of raising: the check Numba adds by default
+# keeps LLVM from vectorising any loop that divides
+_JIT = dict(JIT, error_model="numpy")
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -105,7 +107,7 @@ def _mlstm_step_head(q, k, v, ig, fg, ib, fb, cap, C, n, m, eps, nw, norm_eps, o
     _head_layer_norm(oh, nw[hh * DV:(hh + 1) * DV], norm_eps)
 
 
-@njit(fastmath=FASTMATH, **JIT)
+@njit(fastmath=FASTMATH, **_JIT)
 def mlstm_step(q, k, v, ig, fg, ib, fb, cap, C, n, m, eps, nw, norm_eps, out):
     """Decode: q, k (1, H*d_qk), v (1, H*d_v), ig, fg (1, H) raw gate pre-activations, ib, fb (H,)
     their biases, cap the gate soft-cap (<= 0: none); C, n, m updated; out (1, H*d_v) = the
@@ -115,7 +117,7 @@ def mlstm_step(q, k, v, ig, fg, ib, fb, cap, C, n, m, eps, nw, norm_eps, out):
             _mlstm_step_head(q, k, v, ig, fg, ib, fb, cap, C, n, m, eps, nw, norm_eps, out, t, hh)
 
 
-@njit(parallel=True, fastmath=FASTMATH, **JIT)
+@njit(parallel=True, fastmath=FASTMATH, **_JIT)
 def mlstm_chunkwise(q, k, v, ig, fg, ib, fb, cap, C, n, m, eps, nw, norm_eps, chunk, out):
     """Prefill: the same arguments as mlstm_step for T tokens, in chunks of ``chunk`` tokens (the
     last chunk may be shorter); parallel over heads."""
@@ -193,7 +195,7 @@ def mlstm_chunkwise(q, k, v, ig, fg, ib, fb, cap, C, n, m, eps, nw, norm_eps, ch
             m[hh] = m_next
 
 
-@njit(fastmath=FASTMATH, **JIT)
+@njit(fastmath=FASTMATH, **_JIT)
 def slstm(wx, R, b, state, nw, norm_eps, ws, out):
     """sLSTM over T tokens. wx (T, 4*D) gate inputs gate-major (i | f | z | o, each D = heads*d);
     R (heads, 4, d, d) recurrent weights [head, gate, out, in]; b (4*D,); state (4, D) = y, c, n, m
@@ -238,7 +240,7 @@ def slstm(wx, R, b, state, nw, norm_eps, ws, out):
 
 # ---------------------------------------------------------------- small fused pieces
 
-@njit(fastmath=FASTMATH, **JIT)
+@njit(fastmath=FASTMATH, **_JIT)
 def headwise_linear(x, w, out):
     """Block-diagonal projection: x (T, nb*i) , w (nb, o, i) -> out (T, nb*o)."""
     T = x.shape[0]
@@ -254,24 +256,41 @@ def headwise_linear(x, w, out):
                 out[t, bb * O + o] = acc
 
 
-@njit(fastmath=FASTMATH, **JIT)
+@njit(inline="always", fastmath=FASTMATH)
+def _sigmoid(x):
+    return np.float32(1.0) / (np.float32(1.0) + fast_exp(-x))
+
+
+@njit(fastmath=FASTMATH, **_JIT)
 def sigmoid_mul(h, o):
     """In place h *= sigmoid(o) (transformers' output gate)."""
     for t in range(h.shape[0]):
-        for c in range(h.shape[1]):
-            h[t, c] /= np.float32(1.0) + np.exp(-o[t, c])
+        hr, orow = h[t], o[t]
+        for c in range(hr.shape[0]):
+            hr[c] *= _sigmoid(orow[c])
 
 
-@njit(fastmath=FASTMATH, **JIT)
+@njit(fastmath=FASTMATH, **_JIT)
+def silu_mul(gate, up, out):
+    """out = silu(gate) * up, serial with a vectorisable exp: one token's FFN costs microseconds
+    (waking threads for it costs more than the work)."""
+    for t in range(gate.shape[0]):
+        gr, ur, orow = gate[t], up[t], out[t]
+        for c in range(gr.shape[0]):
+            g = gr[c]
+            orow[c] = g * _sigmoid(g) * ur[c]
+
+
+@njit(fastmath=FASTMATH, **_JIT)
 def skip_silu_gate(h, skip, xc, z):
     """In place h = (h + skip * xc) * silu(z) (NX-AI's mLSTM layer output)."""
     for t in range(h.shape[0]):
         for c in range(h.shape[1]):
             zz = z[t, c]
-            h[t, c] = (h[t, c] + skip[c] * xc[t, c]) * zz / (np.float32(1.0) + np.exp(-zz))
+            h[t, c] = (h[t, c] + skip[c] * xc[t, c]) * zz * _sigmoid(zz)
 
 
-@njit(fastmath=FASTMATH, **JIT)
+@njit(fastmath=FASTMATH, **_JIT)
 def gelu_mul(gate, up, out):
     """out = gelu(gate) * up, exact (erf) GELU as torch's default."""
     for t in range(gate.shape[0]):
@@ -280,12 +299,15 @@ def gelu_mul(gate, up, out):
             out[t, c] = np.float32(0.5) * g * (np.float32(1.0) + math.erf(g * np.float32(0.7071067811865476))) * up[t, c]
 
 
-@njit(fastmath=FASTMATH, **JIT)
+@njit(fastmath=FASTMATH, **_JIT)
 def softcap_(x, cap):
-    """In place x = cap * tanh(x / cap)."""
+    """In place x = cap * tanh(x / cap), tanh(y) = 1 - 2 / (e^2y + 1) with the vectorisable exp
+    (the logits row is 50k wide: a libm tanh per element would cost a millisecond a token)."""
     for t in range(x.shape[0]):
-        for c in range(x.shape[1]):
-            x[t, c] = cap * np.tanh(x[t, c] / cap)
+        xr = x[t]
+        for c in range(xr.shape[0]):
+            y = xr[c] / cap
+            xr[c] = cap * (np.float32(1.0) - np.float32(2.0) / (fast_exp(np.float32(2.0) * y) + np.float32(1.0)))
 
 
 # ---------------------------------------------------------------- NumPy references (plain, float64)

@@ -103,7 +103,8 @@ class Block:
                       out=s and s.y)                                               # (T, H*d_v)
         ops.add_(x, lin(ops.sigmoid_mul_(y, o), self.out_proj, out=s and s.a))
         h = ops.rms_norm_into(x, self.norm_ffn, a.norm_eps, s.h) if s else ops.rms_norm(x, self.norm_ffn, a.norm_eps)
-        gate = ops.silu_mul(lin(h, self.up_gate, out=s and s.gate), lin(h, self.up, out=s and s.up))
+        gate, up = lin(h, self.up_gate, out=s and s.gate), lin(h, self.up, out=s and s.up)
+        gate = ops.silu_mul_into(gate, up, s.act if s else np.empty_like(gate))   # not in place: vectorises
         return ops.add_(x, lin(gate, self.down, out=s and s.a))
 
 
@@ -124,7 +125,7 @@ class Model:
         H, NH = args.hidden_size, args.num_heads
         qk, v, F = args.qk_dim, args.v_dim, args.ffn_dim
         self.scratch = Scratch(dict(h=(1, H), q=(1, qk), k=(1, qk), v=(1, v), o=(1, v), ig=(1, NH), fg=(1, NH),
-                                    y=(1, v), a=(1, H), gate=(1, F), up=(1, F), f=(1, H)))
+                                    y=(1, v), a=(1, H), gate=(1, F), up=(1, F), act=(1, F), f=(1, H)))
 
     @property
     def max_context(self) -> int:
