@@ -11,7 +11,7 @@ from edgerun.models.registry import family
 from edgerun.tokenizer import Tokenizer, gguf_metadata
 
 from . import gguf_file, hf
-from .quant import QUANT_KINDS, check_quant, pack
+from .quant import QUANT_KINDS, QuantPlan, check_quant
 
 DEFAULT_GROUP = 32
 
@@ -41,16 +41,23 @@ def _source_kind(src: Path) -> str:
 
 
 def convert(src, out, quant: str | None = None, group_size: int | None = None,
-            progress: bool = True, rwkv_options: dict | None = None) -> str:
+            progress: bool = True, rwkv_options: dict | None = None, *, rules: str | None = None,
+            sparsity: float | None = None, sparsity_pattern: str | None = None) -> str:
     """Convert ``src`` into the model file ``out`` (written to a temp file, then renamed).
 
-    quant: f32 | f16 | bf16 | int8 | int4; default f16 for HF directories and, for GGUF,
-    each block type's exact packed twin (other GGML types become int8).
+    quant: f32 | f16 | bf16 | int8 | int4 | ternary | ternary_b3 | binary; default f16 for HF
+    directories (ternary for BitNetForCausalLM) and, for GGUF, each block type's exact packed twin
+    (other GGML types become int8). rules: per-name kinds, 'embed_tokens|lm_head=int8,*=int4';
+    sparsity / sparsity_pattern: magnitude pruning of the layers' matrices (converters/quant.py).
     Returns the content hash.
     """
     src, out = Path(src), Path(out)
     kind = _source_kind(src)
     check_quant(quant or "f16", group_size)
+    QuantPlan.make(quant or "f16", group_size, rules, sparsity, sparsity_pattern)      # bad options fail here
+    if kind != "hf" and (rules or sparsity or sparsity_pattern):
+        raise ConversionError(f"{src}: --rules and --sparsity apply to Hugging Face transformer directories; "
+                              f"this {kind} source takes one --quant")
     group = group_size or DEFAULT_GROUP
     if kind == "rwkv":
         from .rwkv import convert_rwkv
@@ -58,12 +65,19 @@ def convert(src, out, quant: str | None = None, group_size: int | None = None,
     if kind == "xlstm_lm":
         from .xlstm import convert_xlstm_lm
         return convert_xlstm_lm(src, out, quant, group)
+    extra = {}
     if kind == "hf":
+        from . import bitnet
         cfg = hf.read_config(src)
-        quant = quant or "f16"
+        quant = quant or ("ternary" if cfg["architecture"] == "BitNetForCausalLM" else "f16")
         tok = Tokenizer.from_file(src).to_dict()
         keep = getattr(family(cfg["architecture"]), "KEEP_FLOAT", ())
-        tensors = ((n, pack(n, w, quant, group, keep)) for n, w in hf.iter_tensors(src, cfg))
+        plan = QuantPlan.make(quant, group_size, rules, sparsity, sparsity_pattern, keep)
+        extra = plan.record()
+        if bitnet.packed_mode(cfg):
+            tensors = bitnet.iter_packed(src, cfg, plan)
+        else:
+            tensors = ((n, plan.pack(n, w)) for n, w in hf.iter_tensors(src, cfg))
         total = len(hf.open_weights(src))
     else:
         reader = gguf_file.open_gguf(src)
@@ -75,7 +89,7 @@ def convert(src, out, quant: str | None = None, group_size: int | None = None,
     update, close = _progress(total, f"converting {src.name}", progress)
     try:
         return edr.write(out, arch=cfg["architecture"], config=cfg, tokenizer=tok, tensors=tensors,
-                         extra={"quant": quant or "native", "source": src.name}, progress=update)
+                         extra={"quant": quant or "native", **extra, "source": src.name}, progress=update)
     finally:
         close()
 

@@ -56,7 +56,8 @@ def cmd_pull(a):
 
 def cmd_convert(a):
     from edgerun.converters import convert
-    digest = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=not a.quiet)
+    digest = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=not a.quiet,
+                     rules=a.rules, sparsity=a.sparsity, sparsity_pattern=a.sparsity_pattern)
     print(f"wrote {a.output} ({digest[:23]}…)")
 
 
@@ -153,8 +154,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--quant", choices=None, default=None, metavar="{" + ",".join(QUANT_KINDS) + "}",
-                   help="packed kind for matrices (default: f16 for HF, the native block kinds for GGUF)")
-    s.add_argument("--group-size", type=int, default=None, help="int4 group: 32 (default), 64 or 128")
+                   help="packed kind for matrices (default: f16 for HF, ternary for BitNet, the native block kinds for GGUF)")
+    s.add_argument("--group-size", type=int, default=None,
+                   help="int4 group: 32 (default), 64 or 128; binary group: a multiple of 8 (default 128)")
+    s.add_argument("--rules", default=None, metavar="PATTERN=KIND,...",
+                   help="kinds by tensor name, first match wins; PATTERN is a regular expression searched in "
+                        "the name, * matches any: 'embed_tokens|lm_head=int8,*=int4'. With a low-bit --quant "
+                        "(ternary, ternary_b3, binary) embeddings and the head stay f16 unless a rule says otherwise")
+    s.add_argument("--sparsity", type=float, default=None, metavar="S",
+                   help="prune this fraction of each layer matrix's weights by magnitude (0 <= S < 1; 2:4 is 0.5); "
+                        "kept weights are stored as int8 with --quant int8, else f16")
+    s.add_argument("--sparsity-pattern", default=None, choices=["2:4", "unstructured"],
+                   help="2:4 semi-structured (2 kept of every 4 inputs) or unstructured (CSR rows; default with --sparsity)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_convert)
 
