@@ -209,3 +209,149 @@ def test_ternary_decode_uses_byte_dot_products():
     if want is None:
         pytest.skip(f"generic SIMD ({LB.ISA}): no x86 byte dot product to look for")
     assert want in asm, f"no {want} in gemm_ternary ({LB.ISA})"
+
+
+# ------------------------------------------------------------------ quantizer and convert CLI
+
+LLAMA = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+IDS = [0, 5, 17, 42, 7, 99, 3, 250]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from conftest import make_hf_model, save_hf
+    model = make_hf_model("LlamaForCausalLM", **LLAMA)
+    return model, save_hf(model, tmp_path_factory.mktemp("lowbit") / "hf")
+
+
+def cli(capsys, *argv):
+    from edgerun.cli import main
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def dequantized_reference(model, mf, ids):
+    """transformers' logits with every matrix replaced by the file's unpacked weight."""
+    import copy
+
+    import torch
+
+    from conftest import hf_logits
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim == 2 and name in mf.descriptors:
+                p.copy_(torch.from_numpy(packed.unpack(mf.tensor(name))))
+    return hf_logits(ref, ids)
+
+
+def test_convert_ternary_llama_matches_transformers_online_bitlinear(capsys, tiny_llama, tmp_path):
+    """--quant ternary on a Llama = transformers' AutoBitLinear (online) on every linear but lm_head."""
+    import copy
+
+    import edgerun
+    from conftest import hf_logits, rel_err
+    from transformers import BitNetQuantConfig
+    from transformers.integrations.bitnet import replace_with_bitnet_linear
+    model, hf = tiny_llama
+    out = tmp_path / "t.edr"
+    rc, _, err = cli(capsys, "convert", hf, "-o", out, "--quant", "ternary", "--rules", "embed_tokens|lm_head=f32", "-q")
+    assert rc == 0, err
+    m = edgerun.load(out)
+    assert m.file.extra["quant"] == "ternary" and m.file.extra["rules"] == "embed_tokens|lm_head=f32"
+    assert m.file.descriptors["model.layers.1.mlp.up_proj.weight"]["kind"] == "ternary"
+    ref_model = copy.deepcopy(model)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    replace_with_bitnet_linear(ref_model, modules_to_not_convert=["lm_head"],
+                               quantization_config=BitNetQuantConfig(linear_class="autobitlinear",
+                                                                     quantization_mode="online"))
+    ref_model.load_state_dict(sd, assign=True)
+    err = rel_err(m.forward(IDS), hf_logits(ref_model.eval(), IDS))
+    assert err < 1e-4, f"ternary Llama vs transformers online BitLinear: rel err {err:.2e}"
+    rc, text, _ = cli(capsys, "run", out, "-p", "hello", "-n", "3")
+    assert rc == 0
+
+
+@pytest.mark.parametrize("args, kind, values, sparsity", [
+    (["--quant", "int8", "--sparsity-pattern", "2:4"], "sparse24", "int8", 0.5),
+    (["--sparsity", "0.5", "--sparsity-pattern", "2:4"], "sparse24", "f16", 0.5),
+    (["--sparsity", "0.9"], "csr", "f16", 0.9),
+    (["--quant", "int8", "--sparsity", "0.75", "--sparsity-pattern", "unstructured"], "csr", "int8", 0.75),
+])
+def test_convert_sparse_end_to_end(capsys, tiny_llama, tmp_path, args, kind, values, sparsity):
+    import edgerun
+    from conftest import rel_err
+    model, hf = tiny_llama
+    out = tmp_path / "s.edr"
+    rc, _, err = cli(capsys, "convert", hf, "-o", out, *args, "-q")
+    assert rc == 0, err
+    m = edgerun.load(out)
+    assert m.file.extra["sparsity"] == sparsity
+    for name, d in m.file.descriptors.items():
+        if name.startswith("model.layers.") and len(d["shape"]) == 2:
+            assert d["kind"] == kind and d["params"]["values"] == values, name
+            w = packed.unpack(m.file.tensor(name))
+            assert abs(float((w == 0).mean()) - sparsity) < 0.02, f"{name}: {(w == 0).mean():.3f} zeros"
+        elif "embed" in name or "lm_head" in name:
+            assert d["kind"] not in ("csr", "sparse24"), name
+    got = m.forward(IDS)
+    err = rel_err(got, dequantized_reference(model, m.file, IDS))
+    assert err < 1e-5, f"{kind}/{values}: rel err {err:.2e} against the pruned weights in transformers"
+    st = m.new_state()                                      # decode (T = 1 kernels) = prefill
+    # with --quant int8 the int8 embeddings/head decode one token with int8 activations (gemm_int8_q8)
+    tol = 2e-2 if values == "int8" else 1e-5
+    assert rel_err(np.concatenate([m.step(st, [i]) for i in IDS]), got) < tol
+
+
+def test_convert_mixed_precision_rules(capsys, tiny_llama, tmp_path):
+    import edgerun
+    _, hf = tiny_llama
+    out = tmp_path / "r.edr"
+    rc, _, err = cli(capsys, "convert", hf, "-o", out, "--rules", "embed_tokens|lm_head=int8, *=int4", "-q")
+    assert rc == 0, err
+    mf = edgerun.load(out).file
+    kinds = {n: d["kind"] for n, d in mf.descriptors.items()}
+    assert kinds["model.embed_tokens.weight"] == "int8" and kinds["lm_head.weight"] == "int8"
+    assert kinds["model.layers.0.self_attn.q_proj.weight"] == "int4"
+    assert kinds["model.norm.weight"] == "f32"                     # vectors stay float32 whatever the rules
+    assert mf.extra["rules"] == "embed_tokens|lm_head=int8,*=int4"
+    rc, text, _ = cli(capsys, "inspect", out)
+    assert rc == 0 and "int4" in text
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--sparsity", "1.5"], ["--sparsity", "1.5"]),
+    (["--sparsity", "0.3", "--sparsity-pattern", "2:4"], ["2:4", "0.3"]),
+    (["--quant", "int4", "--sparsity", "0.5"], ["--sparsity", "int4"]),
+    (["--rules", "embed_tokens"], ["--rules", "PATTERN=KIND"]),
+    (["--rules", "*=int3"], ["--rules", "int3"]),
+    (["--quant", "binary", "--group-size", "12"], ["--group-size", "binary"]),
+])
+def test_convert_bad_options(capsys, tiny_llama, tmp_path, args, needles):
+    _, hf = tiny_llama
+    rc, _, err = cli(capsys, "convert", hf, "-o", tmp_path / "x.edr", *args, "-q")
+    assert rc == 2 and all(n in err for n in needles), err
+    assert len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_2_4_needs_inputs_in_fours(capsys, tmp_path):
+    from conftest import make_hf_model, save_hf
+    hf = save_hf(make_hf_model("LlamaForCausalLM", hidden_size=66, intermediate_size=90, num_attention_heads=3,
+                               num_key_value_heads=3), tmp_path / "odd")
+    out = tmp_path / "out" / "x.edr"
+    rc, _, err = cli(capsys, "convert", hf, "-o", out, "--sparsity-pattern", "2:4", "-q")
+    assert rc == 2 and "2:4" in err and "multiple of 4" in err and "model.layers.0." in err, err
+    assert not out.exists()
+
+
+def test_prune_unstructured_is_per_matrix_magnitude():
+    from edgerun.converters.sparsify import prune_2_4, prune_unstructured
+    w = rng(5).normal(size=(16, 40)).astype(np.float32)
+    p = prune_unstructured(w, 0.75)
+    assert (p == 0).sum() == 480 and np.abs(p[p != 0]).min() >= np.abs(w[p == 0]).max()
+    q = prune_2_4(w)
+    assert ((q.reshape(16, 10, 4) != 0).sum(axis=2) == 2).all()
+    with pytest.raises(ConversionError, match="q_proj.*multiple of 4"):
+        prune_2_4(w[:, :39], "q_proj")
