@@ -52,11 +52,12 @@ def _weights(mf: edr.ModelFile) -> dict:
 class LLM:
     """A loaded model: tokenizer, weights (memory-mapped) and the architecture's forward."""
 
-    def __init__(self, mf: edr.ModelFile, device: str = "cpu", kv_options: dict | None = None):
+    def __init__(self, mf: edr.ModelFile, device: str = "cpu", kv_options: dict | None = None,
+                 act_quant: bool = True):
         self.file = mf
         self.config = mf.config
         self.device = device
-        self.ops = get_backend(device)
+        self.ops = get_backend(device, act_quant)
         fam = family(mf.arch)
         self.args = fam.ModelArgs.from_dict(fam.Model.sanitize(mf.config))
         self.model = fam.Model(self.args, _weights(mf), self.ops)
@@ -154,17 +155,19 @@ class _LastLogits:
 
 def load(model, device: str = "cpu", *, quant: str | None = None, threads: int | None = None,
          verify: bool = False, max_kv_bytes: int | None = None, kv_block_size: int | None = None,
-         free_out_of_window: bool | None = None, kv_dtype: str | None = None) -> LLM:
+         free_out_of_window: bool | None = None, kv_dtype: str | None = None, act_quant: bool = True) -> LLM:
     """Load a .edr file, an HF directory, a .gguf file or a registry name (pulled on first use).
 
     max_kv_bytes: the KV pool's size (default: one sequence of the full context);
     kv_block_size: tokens per KV block (default 16); free_out_of_window=False keeps the blocks
     that sliding-window layers have moved past (only to measure what freeing them saves);
     kv_dtype="int8" stores keys and values as int8 with a scale per token and head (about 3.8x
-    less KV memory for head_dim 64)."""
+    less KV memory for head_dim 64); act_quant=False keeps decode activations in float32 against
+    int8/int4 weights instead of quantizing them to int8 per block of 32 as llama.cpp does (about
+    3x slower int4 decode; logits then equal a float reference to float tolerance)."""
     if threads:
         import numba
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
     kv = {k: v for k, v in (("max_kv_bytes", max_kv_bytes), ("block_size", kv_block_size),
                             ("free_out_of_window", free_out_of_window), ("dtype", kv_dtype)) if v is not None}
-    return LLM(open_any(model, quant=quant, verify=verify), device=device, kv_options=kv)
+    return LLM(open_any(model, quant=quant, verify=verify), device=device, kv_options=kv, act_quant=act_quant)

@@ -14,8 +14,9 @@ from .packed import DenseWeight, Int4Weight, Int8Weight
 class CPUBackend:
     name = "cpu"
 
-    def __init__(self):
+    def __init__(self, act_quant: bool = True):
         from edgerun.kernels_numba import linear, ops, paged_attention
+        self.act_quant = act_quant
         self._lin, self._ops, self._attn = linear, ops, paged_attention
 
     # ---- matmuls
@@ -39,8 +40,12 @@ class CPUBackend:
         return f
 
     def linear(self, x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
-        """x (T, in) float32 @ W.T -> (T, out), by gemm_<kind>."""
+        """x (T, in) float32 @ W.T -> (T, out), by gemm_<kind>. One token against int8/int4
+        weights goes to gemm_<kind>_q8 (activations quantized to int8, integer SIMD dots) unless
+        the backend was made with act_quant=False."""
         kind, fields = self._kernel_args(w)
+        if self.act_quant and x.shape[0] == 1 and kind in ("int8", "int4"):
+            kind += "_q8"
         if out is None:
             out = np.empty((x.shape[0], fields[0].shape[0]), np.float32)
         self._kernel(f"gemm_{kind}")(x, *fields, out)
@@ -298,16 +303,17 @@ def _lowbit_args(w) -> tuple[str, tuple]:
     raise EdgerunError(f"no CPU kernel for packed weight {type(w).__name__}")
 
 
-_BACKENDS: dict[str, object] = {}
+_BACKENDS: dict[tuple, object] = {}
 
 
-def get_backend(device: str = "cpu"):
-    """The ops table for a device. 'cuda' arrives with the GPU backend issue."""
+def get_backend(device: str = "cpu", act_quant: bool = True):
+    """The ops table for a device. act_quant=False keeps decode activations in float32 against
+    int8/int4 weights (slower; logits then equal a float reference to float tolerance)."""
     if device not in ("cpu", "cuda"):
         raise InputError(f"unknown device {device!r}: choose cpu or cuda")
     if device == "cuda":
         from .backend_cuda import cuda_backend      # numba-cuda is imported only here (the `cuda` extra)
         return cuda_backend()
-    if device not in _BACKENDS:
-        _BACKENDS[device] = CPUBackend()
-    return _BACKENDS[device]
+    if (device, act_quant) not in _BACKENDS:
+        _BACKENDS[device, act_quant] = CPUBackend(act_quant)
+    return _BACKENDS[device, act_quant]

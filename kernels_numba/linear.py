@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FASTMATH, JIT, as_float, half_to_float
+from .simd import BLOCK, dot_int4_row, dot_int8_row, quantize_act
 
 ROW_BLOCK = 16
 
@@ -165,6 +166,56 @@ def _unpack_int4_row(qrow, srow, mrow, has_mins, group, dst):
             byte = qg[j]
             lo[j] = s * np.float32(byte & 15) + m
             hi[j] = s * np.float32(byte >> 4) + m
+
+
+# ------------------------------------------------------------------ decode with int8 activations
+
+@njit(inline="always")
+def _quantized(x):
+    """x (n,) -> (xq int8, xs, xsum) per block of 32 (simd.quantize_act)."""
+    nb = x.shape[0] // BLOCK
+    xq = np.empty(x.shape[0], np.int8)
+    xs = np.empty(nb, np.float32)
+    xsum = np.empty(nb, np.float32)
+    quantize_act(x, xq, xs, xsum)
+    return xq, xs, xsum
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_int8_q8(x, q, scales, group, out):
+    """gemm_int8 for one token with x quantized to int8 per block of 32, integer dot products in
+    SIMD (simd.dot_int8_row), as llama.cpp's Q8_0 x Q8_0. Shapes the row kernel can't take
+    (in not a multiple of 32, or groups other than 32 or a whole row) use gemm_int8."""
+    n = x.shape[1]
+    if x.shape[0] != 1 or n % BLOCK or (group != BLOCK and group != n):
+        gemm_int8(x, q, scales, group, out)
+        return
+    xq, xs, xsum = _quantized(x[0])
+    for r in prange(q.shape[0]):
+        out[0, r] = dot_int8_row(q[r], scales[r], xq, xs, xsum, group)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_int4_q8(x, qs, scales, mins, group, out):
+    """gemm_int4 for one token with x quantized to int8 per block of 32 (simd.dot_int4_row)."""
+    n = x.shape[1]
+    if x.shape[0] != 1 or n % BLOCK or group % BLOCK:
+        gemm_int4(x, qs, scales, mins, group, out)
+        return
+    xq, xs, xsum = _quantized(x[0])
+    has_mins = mins.shape[0] > 0
+    for r in prange(qs.shape[0]):
+        out[0, r] = dot_int4_row(qs[r], scales[r], mins[r] if has_mins else scales[r], has_mins, xq, xs, xsum, group)
+
+
+def gemm_q8_ref(x: np.ndarray, w_f32: np.ndarray) -> np.ndarray:
+    """NumPy twin of gemm_*_q8: x quantized as simd.quantize_act does, then gemm_ref."""
+    from .simd import quantize_act_ref
+    xs_ = []
+    for row in x:
+        xq, xs, _ = quantize_act_ref(row)
+        xs_.append((xq.reshape(-1, BLOCK).astype(np.float64) * xs[:, None]).reshape(-1))
+    return gemm_ref(np.array(xs_), w_f32)
 
 
 # ------------------------------------------------------------------ row gather (embeddings)

@@ -98,14 +98,16 @@ def hf_dir_factory(tmp_path):
     return make
 
 
-def convert_and_load(hf_dir, quant: str, group_size: int | None = None, out: Path | None = None):
-    """edgerun.converters.convert(hf_dir -> .edr) then edgerun.load of the file."""
+def convert_and_load(hf_dir, quant: str, group_size: int | None = None, out: Path | None = None,
+                     act_quant: bool = True):
+    """edgerun.converters.convert(hf_dir -> .edr) then edgerun.load of the file. act_quant=False:
+    decode keeps float32 activations, for comparisons at float tolerance with a dequantized model."""
     import edgerun
     from edgerun.converters import convert
     hf_dir = Path(hf_dir)
     out = Path(out) if out else hf_dir.parent / f"{hf_dir.name}-{quant}-{group_size or 'g'}.edr"
     convert(hf_dir, out, quant=quant, group_size=group_size, progress=False)
-    return edgerun.load(out)
+    return edgerun.load(out, act_quant=act_quant)
 
 
 def hf_logits(model, ids) -> np.ndarray:
@@ -156,3 +158,21 @@ def smollm2_gguf() -> Path:
 def session_dir(tmp_path_factory) -> Path:
     """A tmp dir shared by the whole session (converted real models are cached here)."""
     return tmp_path_factory.mktemp("edgerun-session")
+
+
+# Decoding with int8 activations (the default for int8/int4 weights) against float32 activations,
+# same weights: max |difference| / max |logit| over step-by-step decode. Measured on the tiny
+# random test models (flat logits, max |logit| ~3): 1.3e-2 .. 6.8e-2, the same order as what int8
+# weights alone cost them against float32 (1e-2 .. 7e-2); SmolLM2: see test_smollm2_perplexity.
+ACT_Q8_TOL = 0.1
+
+
+def act_quant_error(m_exact, ids) -> float:
+    """Step-by-step logits of the same file loaded with default act_quant vs m_exact's."""
+    import edgerun
+    m = edgerun.load(m_exact.file.path)
+    assert m.ops.act_quant and not m_exact.ops.act_quant
+    sa, sb = m.new_state(), m_exact.new_state()
+    got = np.concatenate([m.step(sa, [t]) for t in ids])
+    ref = np.concatenate([m_exact.step(sb, [t]) for t in ids])
+    return rel_err(got, ref)

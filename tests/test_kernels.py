@@ -103,6 +103,8 @@ PACKINGS = [
     ("int4-min-g32-f16s", "int4", N_G32, {"group": 32, "symmetric": False}, "f16"),
     ("int4-min-g32-f32s", "int4", N_G32, {"group": 32, "symmetric": False}, "f32"),
     ("int4-min-g64-f16s", "int4", N_G64, {"group": 64, "symmetric": False}, "f16"),
+    ("int4-sym-g128-f16s", "int4", 4096 + 128, {"group": 128}, "f16"),
+    ("int8-channel-n32-f32s", "int8", N_G32, {}, "f32"),
 ]
 
 
@@ -121,6 +123,80 @@ def test_gemm_matches_ref(packing, T):
     ref = L.gemm_ref(x, w)
     norm = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
     check(run_gemm(c, x), ref, GEMM_TOL, norm, f"gemm T={T}")
+
+
+def run_gemm_q8(c, x):
+    out = np.full((x.shape[0], ROWS), np.nan, np.float32)
+    if isinstance(c, packed.Int4Weight):
+        L.gemm_int4_q8(x, c.qs, c.scales, c.mins, c.group, out)
+    else:
+        L.gemm_int8_q8(x, c.q, c.scales, c.group, out)
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_gemm_q8_matches_ref(packing, T):
+    """Decode with int8 activations (kernels_numba/simd.py) equals the NumPy twin that quantizes x
+    the same way; shapes the SIMD rows can't take (T > 1, in % 32, int8 groups of 16) fall back to
+    the float kernel and equal gemm_ref."""
+    c, n = packing
+    if not isinstance(c, (packed.Int4Weight, packed.Int8Weight)):
+        pytest.skip("float kinds have no int8-activation path")
+    x = (rng(T).normal(size=(T, n)) + 0.5).astype(np.float32)
+    x[:, 40:72] *= 30.0              # one block with a much larger range than the others
+    w = packed.unpack(c)
+    simd = T == 1 and n % 32 == 0 and (isinstance(c, packed.Int4Weight) or c.group in (32, n))
+    ref = L.gemm_q8_ref(x, w) if simd else L.gemm_ref(x, w)
+    norm = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+    check(run_gemm_q8(c, x), ref, GEMM_TOL, norm, f"gemm q8 T={T} simd={simd}")
+    if simd:      # and the quantization error itself stays what int8 per block of 32 promises
+        check(run_gemm_q8(c, x), L.gemm_ref(x, w), 1e-2, norm, "gemm q8 vs float activations")
+
+
+def test_quantize_act_matches_ref():
+    from edgerun.kernels_numba import simd
+    x = rng(3).normal(size=32 * 9).astype(np.float32)
+    x[32:64] = 0.0                   # an all-zero block: scale 0, codes 0
+    x[64] = 1e6
+    xq, xs, xsum = np.empty(x.size, np.int8), np.empty(9, np.float32), np.empty(9, np.float32)
+    simd.quantize_act(x, xq, xs, xsum)
+    rq, rs, rsum = simd.quantize_act_ref(x)
+    np.testing.assert_array_equal(xq, rq)
+    np.testing.assert_allclose(xs, rs, rtol=1e-7)
+    np.testing.assert_allclose(xsum, rsum, rtol=1e-6)
+    assert xs[1] == 0 and not xq[32:64].any()
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_simd_fallback_isas(isa, tmp_path):
+    """The AVX2 and portable code paths (chosen on CPUs without VNNI) give the same results: run
+    in a subprocess with EDGERUN_SIMD forced and its own Numba cache."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import numpy as np\n"
+        "from edgerun import packed\n"
+        "from edgerun.kernels_numba import linear as L, simd\n"
+        f"assert simd.ISA == {isa!r}\n"
+        "r = np.random.default_rng(0)\n"
+        "w = r.normal(size=(5, 32 * 13)).astype(np.float32)\n"
+        "x = r.normal(size=(1, 32 * 13)).astype(np.float32)\n"
+        "worst = 0.0\n"
+        "for kind, p in (('int8', {}), ('int8', {'group': 32}), ('int4', {'group': 32}),\n"
+        "                ('int4', {'group': 32, 'symmetric': False})):\n"
+        "    c = packed.codec(kind).container(*packed.codec(kind).pack(w, **p))\n"
+        "    out = np.empty((1, 5), np.float32)\n"
+        "    if kind == 'int8': L.gemm_int8_q8(x, c.q, c.scales, c.group, out)\n"
+        "    else: L.gemm_int4_q8(x, c.qs, c.scales, c.mins, c.group, out)\n"
+        "    ref = L.gemm_q8_ref(x, packed.unpack(c))\n"
+        "    norm = np.abs(x) @ np.abs(packed.unpack(c)).T\n"
+        "    worst = max(worst, float((np.abs(out - ref) / norm).max()))\n"
+        "print(worst)\n")
+    env = dict(os.environ, EDGERUN_SIMD=isa, NUMBA_CACHE_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.split()[-1]) < GEMM_TOL, res.stdout
 
 
 def test_embed_matches_ref(packing):

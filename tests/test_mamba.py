@@ -165,7 +165,8 @@ def test_gated_rms_norm(T):
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import convert_and_load, hf_logits, make_hf_model, save_hf  # noqa: E402
+from conftest import (ACT_Q8_TOL, act_quant_error, convert_and_load, hf_logits, make_hf_model,  # noqa: E402
+                      save_hf)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_packed_kinds_match_dequantized_transformers(name, tmp_path):
     d = save_hf(model, tmp_path / "hf")
     ref32 = hf_logits(model, IDS)
     for quant in ("f16", "bf16", "int8", "int4"):
-        m = convert_and_load(d, quant, group_size=32 if quant == "int4" else None)
+        m = convert_and_load(d, quant, group_size=32 if quant == "int4" else None, act_quant=False)
         kinds = {x["kind"] for n, x in m.file.descriptors.items() if len(x["shape"]) == 2 and "A_log" not in n}
         assert quant in kinds, kinds
         if name != "mamba2":
@@ -272,6 +273,10 @@ def test_packed_kinds_match_dequantized_transformers(name, tmp_path):
         st = m.new_state()
         steps = np.concatenate([m.step(st, IDS[:5])] + [m.step(st, [t]) for t in IDS[5:]])
         assert _err(steps, got) < F32_TOL
+        if quant in ("int8", "int4"):
+            e = act_quant_error(m, IDS)
+            print(f"\n{name} {quant}: int8 activations vs float32 activations {e:.3g}")
+            assert e < ACT_Q8_TOL
         print(f"\n{name} {quant}: vs float32 transformers {_err(got, ref32):.3g}")
 
 
