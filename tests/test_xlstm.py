@@ -308,10 +308,10 @@ def test_decode_state_is_fixed_size_and_steps_allocate_nothing(built):
     cur, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert st.nbytes == size and st.length == len(IDS) + 65
-    assert cur - base < 1024, f"{cur - base} bytes kept over 40 steps"
-    # per step only the returned logits (1, 300) and the embedded row (1, 128) are new arrays:
-    # every activation lives in the model's scratch
-    assert peak - base < 300 * 4 + 128 * 4 + 2048, f"a step allocated {peak - base} bytes"
+    assert cur - base < 4096, f"{cur - base} bytes kept over 40 steps"
+    # per step only the returned logits (1, 300) and the embedded row (1, 128) are new arrays, plus
+    # Python's small objects: the ~16 KB of activations a step computes live in the model's scratch
+    assert peak - base < 300 * 4 + 128 * 4 + 4096, f"a step allocated {peak - base} bytes"
 
 
 # ------------------------------------------------------------------------------ NX-AI xLSTMLMModel
