@@ -173,7 +173,7 @@ def canonical(sd: dict, cfg: dict) -> tuple[dict, dict]:
     act = ff_cfg.get("act_fn", "gelu")
     model_cfg = {
         "architecture": ARCH, "model_type": "xlstm_lm", "vocab_size": int(vocab), "embedding_dim": int(E),
-        "num_blocks": len(bm), "block_map": bm, "add_post_blocks_norm": bool(cfg.get("add_post_blocks_norm", True)),
+        "num_blocks": len(bm), "num_hidden_layers": len(bm), "hidden_size": int(E), "block_map": bm, "add_post_blocks_norm": bool(cfg.get("add_post_blocks_norm", True)),
         "tie_weights": bool(cfg.get("tie_weights", False)), "ffn_act_fn": act,
         "mlstm_num_heads": int((cfg.get("mlstm_block") or {}).get("mlstm", {}).get("num_heads", 4)),
         "slstm_layout": layouts[0] if layouts else None,
