@@ -83,8 +83,10 @@ class BinaryWeight(NamedTuple):
 
 class Sparse24Weight(NamedTuple):
     """2:4 semi-structured sparsity: in every group of 4 inputs 2 values are kept, in input order.
-    meta byte k holds groups 2k (low nibble) and 2k+1 (high); a nibble is p0 | p1 << 2, p0 < p1 the
-    positions in the group. Values int8 (w = scales[row] * v) or float16 bits (scales empty).
+    The 2-bit positions p0 < p1 of a group are stored as its 4-bit mask (1 << p0) | (1 << p1) (the
+    same 4 bits): meta byte k holds groups 2k (low nibble) and 2k+1 (high), so bit j of a row's
+    meta read as little-endian words is input j, which AVX-512's vpexpandb takes as is to scatter
+    the kept values back into place. Values int8 (w = scales[row] * v) or float16 bits (scales empty).
     Written by converters/quant.py after converters/sparsify.py's pruning."""
     vals: np.ndarray       # int8 | uint16 (f16 bits)  (out, in // 2)
     meta: np.ndarray       # uint8 (out, ceil(in / 8))
@@ -485,7 +487,7 @@ class Sparse24(Codec):
         if zero.any():
             pos, stored = _canonical_positions(pos, zero, stored.reshape(out, -1, 2))
             stored = stored.reshape(out, -1)
-        nib = (pos[:, :, 0] | pos[:, :, 1] << 2).astype(np.uint8)       # (out, n/4)
+        nib = ((1 << pos[:, :, 0]) | (1 << pos[:, :, 1])).astype(np.uint8)     # (out, n/4) 4-bit masks
         if nib.shape[1] % 2:
             nib = np.concatenate([nib, np.zeros((out, 1), np.uint8)], axis=1)
         meta = nib[:, 0::2] | nib[:, 1::2] << 4
@@ -503,7 +505,7 @@ class Sparse24(Codec):
         """(out, n/4, 2) kept positions."""
         out, half = c.vals.shape
         nib = np.stack([c.meta & 15, c.meta >> 4], axis=2).reshape(out, -1)[:, :half // 2]
-        return np.stack([nib & 3, nib >> 2], axis=2).astype(np.int64)
+        return np.stack([MASK_P0[nib], MASK_P1[nib]], axis=2).astype(np.int64)
 
     @classmethod
     def unpack(cls, c):
@@ -512,6 +514,11 @@ class Sparse24(Codec):
         v = _values_f32(c.vals, c.scales).reshape(out, -1, 2)
         np.put_along_axis(w, cls.positions(c), v, axis=2)
         return w.reshape(out, half * 2)
+
+
+# 4-bit group mask -> its lower and upper set bit (masks with other than 2 bits set never occur)
+MASK_P0 = np.array([(m & -m).bit_length() - 1 if m else 0 for m in range(16)], np.int64)
+MASK_P1 = np.array([m.bit_length() - 1 if m else 0 for m in range(16)], np.int64)
 
 
 def _canonical_positions(pos, zero, stored):

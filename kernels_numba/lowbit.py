@@ -43,6 +43,16 @@ def _as_value(v):
     return lambda v: np.float32(v)
 
 
+def is_int8(a):
+    """True for an int8 array (a compile-time constant: nopython cannot compare dtypes)."""
+
+
+@overload(is_int8, jit_options=JIT)
+def _is_int8(a):
+    flag = a.dtype == types.int8
+    return lambda a: flag
+
+
 # ------------------------------------------------------------------ activations
 
 @njit(**JIT)
@@ -479,40 +489,126 @@ def embed_binary(ids, bits, scales, group, n, out):
 
 # ------------------------------------------------------------------ 2:4 sparse
 
+# a group's 4-bit mask -> the positions of its two kept values
+_P0 = np.array([(m & -m).bit_length() - 1 if m else 0 for m in range(16)], np.int64)
+_P1 = np.array([m.bit_length() - 1 if m else 0 for m in range(16)], np.int64)
+
+
+def _host_features():
+    try:
+        return llvm.get_host_cpu_features()
+    except RuntimeError:
+        return {}
+
+
+# vpexpandb puts a row's kept int8 values back at their inputs straight from the meta bits
+EXPAND = ISA == "vnni" and bool(_host_features().get("avx512vbmi2")) and bool(_host_features().get("avx512vnni"))
+_v64i8, _v16i32, _v64i1 = ir.VectorType(_i8, 64), ir.VectorType(_i32, 16), ir.VectorType(ir.IntType(1), 64)
+
+
+@intrinsic
+def dot_24_expand(typingctx, vals, meta, xq, nchunks):
+    """sum(w * xq) + 128 * sum(xq) over the first 64 * nchunks inputs of a 2:4 row with int8
+    values: per 64 inputs, the 8 meta bytes are the mask of vpexpandb (masked.expandload), which
+    scatters the next 32 values into a zeroed 64-byte vector; XOR 0x80 makes every weight unsigned
+    (w + 128, dropped weights 128) for vpdpbusd against the signed activations. Two accumulators
+    alternate (vpdpbusd's latency would otherwise bound the loop)."""
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (vals, meta, xq)):
+        return None
+    sig = types.int32(vals, meta, xq, nchunks)
+
+    def codegen(context, builder, sig_, args):
+        vbase = _data(context, builder, sig_.args[0], args[0])[0]
+        mbase = _data(context, builder, sig_.args[1], args[1])[0]
+        xbase = _data(context, builder, sig_.args[2], args[2])[0]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_v16i32, None)) for _ in range(2)]
+        flip = ir.Constant(_v64i8, [-128] * 64)
+        expand = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_v64i8, [_i8.as_pointer(), _v64i1, _v64i8]), "llvm.masked.expandload.v64i8")
+
+        def chunk(k, acc):
+            mp = builder.inttoptr(builder.add(mbase, builder.mul(k, ir.Constant(_i64, 8))), _i64.as_pointer())
+            m = builder.load(mp)
+            m.align = 1
+            wp = builder.inttoptr(builder.add(vbase, builder.mul(k, ir.Constant(_i64, 32))), _i8.as_pointer())
+            w = builder.call(expand, [wp, builder.bitcast(m, _v64i1), ir.Constant(_v64i8, None)])
+            wu = builder.bitcast(builder.xor(w, flip), _v16i32)
+            xp = builder.inttoptr(builder.add(xbase, builder.mul(k, ir.Constant(_i64, 64))), _v64i8.as_pointer())
+            xv = builder.load(xp)
+            xv.align = 1
+            builder.store(_call(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32,
+                                [builder.load(acc), wu, builder.bitcast(xv, _v16i32)]), acc)
+
+        two = ir.Constant(_i64, 2)
+        with cgutils.for_range(builder, builder.udiv(args[3], two)) as loop:
+            chunk(builder.mul(loop.index, two), accs[0])
+            chunk(builder.add(builder.mul(loop.index, two), ir.Constant(_i64, 1)), accs[1])
+        odd = builder.icmp_unsigned("!=", builder.urem(args[3], two), ir.Constant(_i64, 0))
+        with builder.if_then(odd):
+            chunk(builder.sub(args[3], ir.Constant(_i64, 1)), accs[0])
+        v = builder.add(builder.load(accs[0]), builder.load(accs[1]))
+        r = builder.extract_element(v, ir.Constant(_i32, 0))
+        for i in range(1, 16):
+            r = builder.add(r, builder.extract_element(v, ir.Constant(_i32, i)))
+        return r
+    return sig, codegen
+
+
 @njit(inline="always")
 def _unpack_24_row(vrow, mrow, s, dst):
     """kept values -> dense float32 row (zeros elsewhere)."""
     dst[:] = 0.0
     for g in range(vrow.shape[0] // 2):
-        nib = (np.int32(mrow[g >> 1]) >> ((g & 1) * 4)) & 15
-        dst[4 * g + (nib & 3)] = s * as_value(vrow[2 * g])
-        dst[4 * g + (nib >> 2)] = s * as_value(vrow[2 * g + 1])
+        nib = (np.int64(mrow[g >> 1]) >> ((g & 1) * 4)) & 15
+        dst[4 * g + _P0[nib]] = s * as_value(vrow[2 * g])
+        dst[4 * g + _P1[nib]] = s * as_value(vrow[2 * g + 1])
+
+
+@njit(inline="always")
+def _dot_24_int(vr, mr, xq, g0, ng):
+    """sum(v * xq) over groups g0..ng-1 of a 2:4 row with int8 values, scalar, int32."""
+    acc = np.int32(0)
+    for g in range(g0, ng):
+        nib = (np.int64(mr[g >> 1]) >> ((g & 1) * 4)) & 15
+        acc = np.int32(acc + np.int32(vr[2 * g]) * np.int32(xq[4 * g + _P0[nib]])
+                       + np.int32(vr[2 * g + 1]) * np.int32(xq[4 * g + _P1[nib]]))
+    return acc
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def gemm_sparse24(x, vals, meta, scales, out):
-    """Sparse24Weight: vals (out, n/2) int8 | f16 bits, meta (out, ceil(n/8)) uint8 (two groups a
-    byte, low nibble first; nibble = p0 | p1 << 2), scales (out,) float32 or empty (f16)."""
+    """Sparse24Weight: vals (out, n/2) int8 | f16 bits, meta (out, ceil(n/8)) uint8 (two 4-bit group
+    masks a byte, low nibble first), scales (out,) float32 or empty (f16 values).
+    One token against int8 values multiplies int8 activations (per-token absmax, like the ternary
+    kinds and the int8/int4 _q8 decode): vpexpandb + vpdpbusd where the CPU has them."""
     T, n = x.shape
     rows = vals.shape[0]
     has_scales = scales.shape[0] > 0
     ng = n // 4
+    if T == 1 and is_int8(vals):
+        xq, xs, xsum = _quantized(x, n)
+        x0, f = xq[0], xs[0]
+        nch = n // 64 if EXPAND else 0
+        head_sum = np.int32(0)                       # 128 * sum(xq) over the vectorised inputs
+        for j in range(nch * 64):
+            head_sum = np.int32(head_sum + x0[j])
+        head_sum = np.int32(head_sum * 128)
+        for r in prange(rows):
+            acc = np.int32(0)
+            if nch:
+                acc = np.int32(dot_24_expand(vals[r], meta[r], x0, nch) - head_sum)
+            acc = np.int32(acc + _dot_24_int(vals[r], meta[r], x0, nch * 16, ng))
+            out[0, r] = np.float32(acc) * f * scales[r]
+        return
     if T == 1:
         x0 = x[0]
         for r in prange(rows):
             vr = vals[r]
             mr = meta[r]
             acc = np.float32(0.0)
-            for k in range(ng // 2):
-                m = np.int32(mr[k])
-                xg = x0[8 * k:8 * k + 8]
-                vk = vr[4 * k:4 * k + 4]
-                acc += (as_value(vk[0]) * xg[m & 3] + as_value(vk[1]) * xg[(m >> 2) & 3]
-                        + as_value(vk[2]) * xg[4 + ((m >> 4) & 3)] + as_value(vk[3]) * xg[4 + (m >> 6)])
-            if ng % 2:
-                m = np.int32(mr[ng // 2])
-                g = ng - 1
-                acc += as_value(vr[2 * g]) * x0[4 * g + (m & 3)] + as_value(vr[2 * g + 1]) * x0[4 * g + ((m >> 2) & 3)]
+            for g in range(ng):
+                nib = (np.int64(mr[g >> 1]) >> ((g & 1) * 4)) & 15
+                acc += as_value(vr[2 * g]) * x0[4 * g + _P0[nib]] + as_value(vr[2 * g + 1]) * x0[4 * g + _P1[nib]]
             out[0, r] = acc * scales[r] if has_scales else acc
         return
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):

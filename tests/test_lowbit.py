@@ -120,6 +120,7 @@ def test_sparse24_keeps_the_two_largest_of_four():
 GEMM_KINDS = [("ternary", {}, N), ("ternary", {"per_row": True}, 130), ("ternary_b3", {}, N),
               ("ternary_b3", {"per_row": True}, 161), ("binary", {}, N), ("binary", {"group": 64}, 64 * 3 + 8),
               ("sparse24", {"values": "int8"}, N24), ("sparse24", {"values": "f16"}, N24 + 4),
+              ("sparse24", {"values": "int8"}, 64 * 9 + 8),
               ("csr", {"values": "int8"}, N), ("csr", {"values": "f16"}, N)]
 
 
@@ -132,11 +133,16 @@ def make(kind, params, n, seed=1):
 
 
 def reference(kind, c, x):
-    """The kernel's meaning: int8 activations for ternary/binary, float activations for sparse."""
+    """The kernel's meaning: int8 activations for ternary/binary and for one token against 2:4 int8
+    values; float activations otherwise."""
     if kind in ("ternary", "ternary_b3"):
         return LB.gemm_int8act_ref(x, packed.codec(kind).trits(c), c.scales)
     if kind == "binary":
         return LB.gemm_int8act_ref(x, packed.Binary.signs(c), packed.scales_to_f32(c.scales), c.group)
+    if kind == "sparse24" and x.shape[0] == 1 and c.vals.dtype == np.int8:
+        ints = np.zeros((c.vals.shape[0], c.vals.shape[1] // 2, 4), np.int8)
+        np.put_along_axis(ints, packed.Sparse24.positions(c), c.vals.reshape(ints.shape[0], -1, 2), axis=2)
+        return LB.gemm_int8act_ref(x, ints.reshape(ints.shape[0], -1), c.scales)
     return L.gemm_ref(x, packed.unpack(c))
 
 
