@@ -47,6 +47,41 @@ def _jit_times(model: str, threads) -> dict:
     return out
 
 
+def memory_bandwidth(threads: int | None = None, mib: int = 512, repeats: int = 7) -> float:
+    """Streaming-read bandwidth in bytes/s: the median over repeats of one parallel pass summing a
+    buffer of `mib` MiB (far larger than the caches), with the kernels' thread count."""
+    import numba
+    import numpy as np
+
+    from edgerun.kernels_numba.ops import stream_sum
+    if threads:
+        numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    buf = np.ones(mib * 2**20 // 8, np.float64)       # pages committed here, not while timing
+    stream_sum(buf[:4096])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stream_sum(buf)
+        times.append(time.perf_counter() - t0)
+    return buf.nbytes / statistics.median(times)
+
+
+def bytes_per_token(m) -> int:
+    """Bytes a decode step reads from the weights: every tensor once, except an embedding table
+    that gives only one row per token (when the head is a separate tensor). The KV cache and a
+    recurrent state are extra (bench reports them apart)."""
+    from .packed import nbytes
+    names = m.file.descriptors
+    separate_head = "lm_head.weight" in names or "head.weight" in names
+    total = 0
+    for name in names:
+        size = nbytes(m.file.tensor(name))
+        if separate_head and ("embed" in name or name == "emb.weight"):
+            size = size // m.file.descriptors[name]["shape"][0]      # one row
+        total += size
+    return int(total)
+
+
 def bench(model: str, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 64,
           repeats: int = 5, cold: bool = False, **load_options) -> dict:
     import numba
@@ -79,16 +114,23 @@ def bench(model: str, threads: int | None = None, prompt_tokens: int = 128, gen_
             tok = int(m.step(st, [tok], last_only=True)[-1].argmax())
         decode.append(gen_tokens / (time.perf_counter() - t0))
     weight_bytes = int(m.file.data.nbytes)
+    per_token = bytes_per_token(m)
+    bandwidth = memory_bandwidth(threads)
+    decode_med = statistics.median(decode)
     r = {
         "model": path, "arch": m.file.arch, "quant": m.file.extra.get("quant"),
         "weight_bytes": weight_bytes, "threads": numba.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "prompt_tokens": len(ids), "gen_tokens": gen_tokens, "repeats": repeats,
-        "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+        "prefill_tok_s": statistics.median(prefill), "decode_tok_s": decode_med,
         "prefill_tok_s_all": prefill, "decode_tok_s_all": decode,
         "load_s": load_s, "first_token_s": first_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_options": load_options,
+        # the roofline: decode can't beat (bytes read per token) / (memory bandwidth), both
+        # measured here; roofline_ratio = measured decode / that bound
+        "bytes_per_token": per_token, "bandwidth_gb_s": bandwidth / 1e9,
+        "roofline_tok_s": bandwidth / per_token, "roofline_ratio": decode_med * per_token / bandwidth,
     }
     if cold:
         r["jit"] = _jit_times(path, threads)
@@ -104,6 +146,9 @@ def format_report(r: dict) -> str:
         f"load         {r['load_s'] * 1000:.0f} ms",
         f"first token  {r['first_token_s'] * 1000:.0f} ms (this process)",
         f"peak RSS     {r['peak_rss_mib']:.0f} MiB",
+        f"bandwidth    {r['bandwidth_gb_s']:.1f} GB/s (streaming read, {r['threads']} threads, measured now)",
+        f"roofline     {r['bytes_per_token'] / 2**20:.1f} MiB read per token -> at most {r['roofline_tok_s']:.1f} "
+        f"tok/s; decode reaches {100 * r['roofline_ratio']:.0f}% of it",
     ]
     if "jit" in r:
         for k in ("cold", "warm"):

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FASTMATH, JIT, as_float, half_to_float
-from .simd import BLOCK, dot_int4_row, dot_int8_row, quantize_act
+from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int8_row, quantize_act
 
 ROW_BLOCK = 16
 
@@ -52,6 +52,10 @@ def gemm_f32(x, w, out):
 def gemm_bf16(x, w, out):
     T, n = x.shape
     rows = w.shape[0]
+    if T == 1:          # decode: convert in registers (simd.dot_half_row)
+        for r in prange(rows):
+            out[0, r] = dot_half_row(w[r], x[0], True)
+        return
     for b in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
         r0 = b * ROW_BLOCK
         nr = min(ROW_BLOCK, rows - r0)
@@ -66,6 +70,10 @@ def gemm_bf16(x, w, out):
 def gemm_f16(x, w, out):
     T, n = x.shape
     rows = w.shape[0]
+    if T == 1:
+        for r in prange(rows):
+            out[0, r] = dot_half_row(w[r], x[0], False)
+        return
     for b in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
         r0 = b * ROW_BLOCK
         nr = min(ROW_BLOCK, rows - r0)

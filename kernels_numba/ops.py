@@ -107,3 +107,19 @@ def gelu_tanh_mul_ref(gate, up):
 def silu_mul_ref(gate, up):
     g = gate.astype(np.float64)
     return (g / (1 + np.exp(-g)) * up).astype(np.float32)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def stream_sum(buf):
+    """Sum of a float64 buffer in one parallel streaming pass: the memory-bandwidth probe of
+    `edgerun bench` (each thread reads a contiguous share, 8 independent partial sums)."""
+    nt = 64
+    chunk = (buf.shape[0] + nt - 1) // nt
+    parts = np.zeros(nt, np.float64)
+    for t in prange(nt):
+        seg = buf[t * chunk:min((t + 1) * chunk, buf.shape[0])]
+        acc = 0.0
+        for j in range(seg.shape[0]):
+            acc += seg[j]
+        parts[t] = acc
+    return parts.sum()

@@ -133,6 +133,11 @@ def _tree_sum(builder, v):
     return builder.extract_element(v, ir.Constant(_i32, 0))
 
 
+def _contiguous(*tys):
+    """The intrinsics read raw memory: every array argument must be C-contiguous (1-D)."""
+    return all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" for t in tys)
+
+
 def _is_half(ty):
     return isinstance(ty.dtype, types.Integer)
 
@@ -229,6 +234,8 @@ def dot_int8_row(typingctx, q, w, xq, xs, xsum, group):
     """sum over 32-blocks b of w[b // (group/32)] * xs[b] * (q_b . xq_b) for one int8 weight row
     q (n,), its scales w (n // group,) float32 or float16 bits; n and group multiples of 32,
     group == 32 or group == n (one scale per row)."""
+    if not _contiguous(q, w, xq, xs, xsum):
+        return None
     sig = types.float32(q, w, xq, xs, xsum, group)
     half = _is_half(w)
 
@@ -277,6 +284,8 @@ def dot_int4_row(typingctx, qs, w, m, has_mins, xq, xs, xsum, group):
     nibble and element j + group/2 in its high one) against quantized activations:
     sum_b w[g] * xs[b] * (u_b . xq_b) + c[g] * xsum[b], c = m[g] if has_mins else -8 w[g].
     group is 32, 64 or 128."""
+    if not _contiguous(qs, w, m, xq, xs, xsum):
+        return None
     sig = types.float32(qs, w, m, has_mins, xq, xs, xsum, group)
     half = _is_half(w)
     if _is_half(m) != half:
@@ -326,6 +335,59 @@ def dot_int4_row(typingctx, qs, w, m, has_mins, xq, xs, xsum, group):
                             acc.add(k, d, builder.fmul(wg, _scale(builder, xsa, b, False)))
                             acc.add_corr(cg, _scale(builder, xsuma, b, False))
         return acc.total()
+
+    return sig, codegen
+
+
+def _float_row(builder, n, load8, load1, xa):
+    """sum_j w[j] * x[j] over n elements; load8(j) / load1(j): <8 x float> / float weights at j."""
+    acc = [cgutils.alloca_once_value(builder, ir.Constant(_v8f32, None)) for _ in range(2)]
+    tail = cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0))
+    sixteen = ir.Constant(_i64, 16)
+    nfull = builder.mul(builder.sdiv(n, sixteen), sixteen)
+    with cgutils.for_range(builder, builder.sdiv(n, sixteen)) as t:
+        for k in range(2):
+            j = builder.add(builder.mul(t.index, sixteen), ir.Constant(_i64, 8 * k))
+            xv = _load(builder, xa, builder.mul(j, ir.Constant(_i64, 4)), _v8f32)
+            builder.store(_intr(builder, "llvm.fma.v8f32", _v8f32, [load8(j), xv, builder.load(acc[k])]), acc[k])
+
+    def one(j):
+        xv = _load(builder, xa, builder.mul(j, ir.Constant(_i64, 4)), _f32)
+        builder.store(builder.fadd(builder.load(tail), builder.fmul(load1(j), xv)), tail)
+
+    _loop(builder, nfull, n, one)
+    return builder.fadd(_tree_sum(builder, builder.fadd(builder.load(acc[0]), builder.load(acc[1]))),
+                        builder.load(tail))
+
+
+def _bf16_to_f32(builder, bits, vty):
+    """uint16 bfloat16 bits (i16 or <8 x i16>) -> float32: the high half of a float's bits."""
+    wide = ir.IntType(32) if vty is _f32 else _v8i32
+    return builder.bitcast(builder.shl(builder.zext(bits, wide), _splat(wide, 16) if vty is not _f32
+                                       else ir.Constant(_i32, 16)), vty)
+
+
+@intrinsic
+def dot_half_row(typingctx, w, x, bf16):
+    """sum_j float(w[j]) * x[j] for a row of float16 (bf16=False) or bfloat16 (bf16=True) bits w
+    (uint16, n) and float32 x (n); bf16 must be a compile-time constant (a literal)."""
+    if not isinstance(bf16, types.BooleanLiteral) or not _contiguous(w, x):
+        return None
+    is_bf16 = bf16.literal_value
+    sig = types.float32(w, x, bf16)
+
+    def codegen(context, builder, sig_, args):
+        wa, xa = _addr(context, builder, sig_.args[0], args[0]), _addr(context, builder, sig_.args[1], args[1])
+        n = builder.extract_value(context.make_array(sig_.args[0])(context, builder, args[0]).shape, 0)
+        two = ir.Constant(_i64, 2)
+        v8i16 = ir.VectorType(_i16, 8)
+        if is_bf16:
+            load8 = lambda j: _bf16_to_f32(builder, _load(builder, wa, builder.mul(j, two), v8i16), _v8f32)  # noqa: E731
+            load1 = lambda j: _bf16_to_f32(builder, _load(builder, wa, builder.mul(j, two), _i16), _f32)     # noqa: E731
+        else:
+            load8 = lambda j: builder.fpext(_load(builder, wa, builder.mul(j, two), ir.VectorType(_f16, 8)), _v8f32)  # noqa: E731
+            load1 = lambda j: builder.fpext(_load(builder, wa, builder.mul(j, two), _f16), _f32)                   # noqa: E731
+        return _float_row(builder, n, load8, load1, xa)
 
     return sig, codegen
 
