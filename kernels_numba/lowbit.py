@@ -432,6 +432,74 @@ def _unpack_bits_row(brow, group, dst):
                 di[j] = np.int8(((np.int32(bg[j]) >> i) & 1) * 2 - 1)
 
 
+@njit(inline="always")
+def _to_planes_binary128(xrow, planes):
+    """Activations in the order a 32-byte chunk of bits (groups 2k, 2k+1 of 128) is read:
+    planes[i, 32k + 16h + j] = xrow[(2k + h) * 128 + 16i + j]."""
+    for k in range(planes.shape[1] // 32):
+        for h in range(2):
+            xg = xrow[(2 * k + h) * 128:(2 * k + h + 1) * 128]
+            for i in range(8):
+                pl = planes[i, 32 * k + 16 * h:32 * k + 16 * h + 16]
+                xi = xg[16 * i:16 * i + 16]
+                for j in range(16):
+                    pl[j] = xi[j]
+
+
+@intrinsic
+def dot_binary128(typingctx, bits, scales, planes):
+    """sum_g scale_g * sum(x where bit) over the first 2 * planes.shape[1] / 32 groups of 128 of a
+    binary row: per 32-byte chunk, 8 bit planes ((b >> i) & 1) times the activation planes by byte
+    dot products; int32 lanes 0-3 hold group 2k, lanes 4-7 group 2k+1, so one fma with the
+    two scales (float16, spread over 4 lanes each) finishes the chunk."""
+    if not (isinstance(bits, types.Array) and bits.layout == "C" and isinstance(planes, types.Array)
+            and planes.layout == "C" and planes.ndim == 2 and isinstance(scales, types.Array)):
+        return None
+    sig = types.float32(bits, scales, planes)
+    f32, v8f32, v2f16 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.HalfType(), 2)
+
+    def codegen(context, builder, sig_, args):
+        bbase = _data(context, builder, sig_.args[0], args[0])[0]
+        sarr = context.make_array(sig_.args[1])(context, builder, args[1])
+        sbase = builder.ptrtoint(sarr.data, _i64)
+        parr = context.make_array(sig_.args[2])(context, builder, args[2])
+        pbase = builder.ptrtoint(parr.data, _i64)
+        stride = builder.extract_value(parr.shape, 1)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(2)]
+        one = ir.Constant(_v32i8, [1] * 32)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f32, [v8f32] * 3), "llvm.fma.v8f32")
+
+        def chunk(k, acc):
+            off = builder.mul(k, ir.Constant(_i64, 32))
+            b = _load32(builder, bbase, off)
+            parts = [ir.Constant(_v8i32, None), ir.Constant(_v8i32, None)]
+            for i in range(8):
+                u = builder.and_(builder.lshr(b, ir.Constant(_v32i8, [i] * 32)), one) if i else builder.and_(b, one)
+                xi = _load32(builder, builder.add(pbase, builder.mul(stride, ir.Constant(_i64, i))), off)
+                parts[i % 2] = _udot_acc(builder, parts[i % 2], u, xi)
+            d = builder.sitofp(builder.add(parts[0], parts[1]), v8f32)
+            sp = builder.inttoptr(builder.add(sbase, builder.mul(k, ir.Constant(_i64, 4))), v2f16.as_pointer())
+            sh = builder.load(sp)
+            sh.align = 2
+            s2 = builder.fpext(sh, ir.VectorType(f32, 2))
+            s8 = builder.shuffle_vector(s2, s2, ir.Constant(_v8i32, [0, 0, 0, 0, 1, 1, 1, 1]))
+            builder.store(builder.call(fma, [d, s8, builder.load(acc)]), acc)
+
+        nch = builder.udiv(stride, ir.Constant(_i64, 32))
+        two = ir.Constant(_i64, 2)
+        with cgutils.for_range(builder, builder.udiv(nch, two)) as loop:
+            chunk(builder.mul(loop.index, two), accs[0])
+            chunk(builder.add(builder.mul(loop.index, two), ir.Constant(_i64, 1)), accs[1])
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nch, two), ir.Constant(_i64, 0))):
+            chunk(builder.sub(nch, ir.Constant(_i64, 1)), accs[0])
+        v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        r = builder.extract_element(v, ir.Constant(_i32, 0))
+        for i in range(1, 8):
+            r = builder.fadd(r, builder.extract_element(v, ir.Constant(_i32, i)))
+        return r
+    return sig, codegen
+
+
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def gemm_binary(x, bits, scales, group, n, out):
     """BinaryWeight (bits (out, ng*group/8) uint8, scales (out, ng) f16 bits) with int8 activations:
@@ -447,12 +515,21 @@ def gemm_binary(x, bits, scales, group, n, out):
             gsum[t, g] = _isum(xq[t, g * group:(g + 1) * group], group)
     if T == 1:
         x0, f = xq[0], xs[0]
+        nch = ng // 2 if group == 128 else 0          # SIMD path: two groups of 128 a 32-byte chunk
+        if nch:
+            planes = np.empty((8, nch * 32), np.int8)
+            _to_planes_binary128(x0, planes)
         for r in prange(rows):
             acc = np.float32(0.0)
-            for g in range(ng):
+            corr = np.float32(0.0)
+            if nch:
+                acc = 2 * dot_binary128(bits[r], scales[r], planes)
+                for g in range(2 * nch):
+                    corr += half_to_float(scales[r, g]) * np.float32(gsum[0, g])
+            for g in range(2 * nch, ng):
                 s = _dot_bits(bits[r, g * gb:(g + 1) * gb], x0[g * group:(g + 1) * group], gb)
                 acc += half_to_float(scales[r, g]) * np.float32(2 * s - gsum[0, g])
-            out[0, r] = acc * f
+            out[0, r] = (acc - corr) * f
         return
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
         r0 = blk * ROW_BLOCK
