@@ -129,33 +129,84 @@ class DeviceLlama:
                               logits=e((1, self.head.rows)))
         return self._bufs
 
+    def _tables(self, state):
+        """The state's block tables in fixed device buffers (a decode plan holds their addresses),
+        copied over when they changed."""
+        if getattr(self, "_dev_tables", None) is None:
+            cap = -(-self.max_context // self.kv.block_size) + 1
+            self._dev_tables = [self.cuda.to_device(np.full(cap, -1, np.int32)) for _ in self.kv.pools]
+            self._last_tables = [None] * len(self.kv.pools)
+        for g, host in enumerate(state.tables):
+            n = min(host.shape[0], self._dev_tables[g].shape[0])
+            last = self._last_tables[g]
+            if last is None or last.shape[0] != n or not np.array_equal(last, host[:n]):
+                self._dev_tables[g][:n].copy_to_device(np.ascontiguousarray(host[:n]))
+                self._last_tables[g] = host[:n].copy()
+        return self._dev_tables
+
     def _forward(self, ids: np.ndarray, state, last_only: bool) -> np.ndarray:
         T = ids.shape[0]
         state.reserve(T)
         start = state.length
         ops = self.ops
         pools = ops.device_pools(self.kv)
-        tables = [ops.device_table(state, g) for g in range(len(self.kv.pools))]
+        tables = self._tables(state)
         if T == 1:
-            b = self._decode_bufs()
-            x = b["x"]
-            self._embed(None, int(ids[0]), x)
+            logits = self._decode(int(ids[0]), start, pools, tables)
         else:
-            b = None
             x = ops.empty((T, self.args.hidden_size))
             self._embed(ops.to_device(ids.astype(np.int64)), 0, x)
-        for L in self.layers:
-            kp, vp = pools[L.g]
-            self._layer(L, x, start, kp[L.i], vp[L.i], tables[L.g], b)
+            for L in self.layers:
+                kp, vp = pools[L.g]
+                self._layer(L, x, start, kp[L.i], vp[L.i], tables[L.g], None)
+            xs = x[T - 1:T] if last_only else x
+            out = ops.empty((xs.shape[0], self.head.rows))
+            self._mm(xs, self.head, out, norm_w=self.norm)
+            logits = out.copy_to_host()
         state.advance(ids.tolist())
-        xs = x[T - 1:T] if last_only else x
-        out = b["logits"] if b is not None else ops.empty((xs.shape[0], self.head.rows))
-        self._mm(xs, self.head, out, norm_w=self.norm)
-        logits = out.copy_to_host()
         if self.final_softcap:
             cap = self.final_softcap
             logits = (np.tanh(logits / cap) * cap).astype(np.float32)
         return logits
+
+    def _decode(self, tok: int, start: int, pools, tables) -> np.ndarray:
+        """One token: the recorded plan of launches, with the token id and position patched in."""
+        plan = self._plan
+        if plan is None or self._plan_pools is not pools:
+            plan = self._record(pools, tables)
+        t0 = time.perf_counter() if self.timing else 0.0
+        for p in self._plan_tok:
+            p.set("tok", tok)
+        for p in self._plan_start:
+            p.set("start", start)
+        for p in plan:
+            p()
+        self.launches += len(plan)
+        if self.timing:
+            self.launch_seconds += time.perf_counter() - t0
+        b = self._bufs
+        b["logits"].copy_to_host(b["logits_host"])
+        return np.array(b["logits_host"])
+
+    _plan = _plan_pools = None
+
+    def _record(self, pools, tables):
+        from edgerun.kernels_cuda._launch import Dyn, recording
+        b = self._decode_bufs()
+        b.setdefault("logits_host", self.cuda.pinned_array((1, self.head.rows), np.float32))
+        x, start = b["x"], Dyn("start")
+        n0 = self.launches
+        with recording() as plan:
+            self._embed(None, Dyn("tok"), x)
+            for L in self.layers:
+                kp, vp = pools[L.g]
+                self._layer(L, x, start, kp[L.i], vp[L.i], tables[L.g], b)
+            self._mm(x, self.head, b["logits"], norm_w=self.norm)
+        self.launches = n0
+        self._plan, self._plan_pools = plan, pools
+        self._plan_tok = [p for p in plan if "tok" in p.dyn or any(getattr(a, "name", "") == "tok" for a in p.args)]
+        self._plan_start = [p for p in plan if "start" in p.dyn or any(getattr(a, "name", "") == "start" for a in p.args)]
+        return plan
 
     # -- launches (each counted; timed when self.timing)
     def _launch(self, fn, *a, **kw):
@@ -216,10 +267,11 @@ class DeviceLlama:
             self._mm(act, L.wdown, x, res=x)
 
     def _rope_store(self, qkv, L, start, kp, vp, table, q):
+        from edgerun.kernels_cuda._launch import go
         from edgerun.kernels_cuda.paged_attention import rope_store_kernel
         T = qkv.shape[0]
-        rope_store_kernel[(T, self.H + self.KV), 32](qkv, self.H, L.q_norm, L.k_norm, self.eps, int(start),
-                                                   L.inv_freq, np.float32(L.rope_scale), kp, vp, table, q)
+        go(rope_store_kernel, (T, self.H + self.KV), 32, 0, 0, (qkv, self.H, L.q_norm, L.k_norm, self.eps, start,
+                                                              L.inv_freq, np.float32(L.rope_scale), kp, vp, table, q))
 
 
 # ------------------------------------------------------------------ building a runner from a host model

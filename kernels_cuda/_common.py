@@ -8,12 +8,15 @@ divergent calls), which the kernels do anyway.
 """
 import math
 
+import numba
 import numpy as np
 from numba import cuda
 from numba.cuda.core import config
 
 SIM = bool(config.ENABLE_CUDASIM)
-F32 = np.dtype(np.float32)        # dtype objects, not classes: the simulator's shared arrays need itemsize
+# shared / local array dtype: numba's float32 type on the GPU; the simulator's dynamic shared
+# arrays need a NumPy dtype object (they read its itemsize)
+F32 = np.dtype(np.float32) if SIM else numba.float32
 U32 = np.uint32
 FULL = 0xFFFFFFFF
 # threads per block of most kernels: 8 warps on a GPU; 2 under the simulator, which runs every
@@ -103,7 +106,7 @@ else:
         return v
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline=True)
 def block_sum(v, red, part):
     """Sum of v over the whole block (blockDim a multiple of 32, at most 1024); every thread gets it.
     red: shared (blockDim,) scratch for the simulator's warp_sum; part: shared (32,)."""

@@ -24,9 +24,11 @@ import math
 import numpy as np
 from numba import cuda
 
+from ._launch import go
 from ._common import BLOCK, F32, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_sum4
 
 GEMV_ROWS = BLOCK // 32 * 4       # output rows per GEMV block: 4 per warp
+RED4 = 4 * BLOCK                  # shared scratch of warp_sum4 (a compile-time constant)
 MAX_SMEM_X = 12 * 1024            # x values a GEMV stages in shared memory (48 KiB)
 PER_ROW = 31                      # gshift meaning "one scale per row"
 
@@ -95,12 +97,28 @@ def _norm_scale(x, norm_w, eps, red, part):
 
 # ------------------------------------------------------------------ GEMV (one token)
 
+@device
+def _dot4(w, x0, x1, x2, x3):
+    return _i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3
+
+
+@device
+def _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, xs, nwd):
+    """Word column k of rows ra..rd (4 int8 each) against its 4 staged x values, scaled."""
+    x0, x1, x2, x3 = xs[k], xs[nwd + k], xs[2 * nwd + k], xs[3 * nwd + k]
+    g = (k << 2) >> gshift
+    return (_dot4(qw[ra, k], x0, x1, x2, x3) * np.float32(scales[ra, g]),
+            _dot4(qw[rb, k], x0, x1, x2, x3) * np.float32(scales[rb, g]),
+            _dot4(qw[rc, k], x0, x1, x2, x3) * np.float32(scales[rc, g]),
+            _dot4(qw[rd, k], x0, x1, x2, x3) * np.float32(scales[rd, g]))
+
+
 @cuda.jit(fastmath=True)
 def gemv_int8_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
     """x (n,) f32; norm_w (n,) or (0,); qw (rows, n/4) uint32; scales (rows, n >> gshift);
     res (rows,) or (0,); out (rows,) or, with act, (rows/2,)."""
     xs = cuda.shared.array(0, F32)
-    red = cuda.shared.array(4 * BLOCK, F32)
+    red = cuda.shared.array(RED4, F32)
     part = cuda.shared.array(32, F32)
     t = cuda.threadIdx.x
     n = x.shape[0]
@@ -117,17 +135,24 @@ def gemv_int8_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
     r0 = cuda.blockIdx.x * GEMV_ROWS + (t >> 5) * 4
     ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
     a0 = a1 = a2 = a3 = np.float32(0.0)
-    for k in range(lane, nwd, 32):
-        x0, x1, x2, x3 = xs[k], xs[nwd + k], xs[2 * nwd + k], xs[3 * nwd + k]
-        g = (k << 2) >> gshift
-        w = qw[ra, k]
-        a0 += (_i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3) * np.float32(scales[ra, g])
-        w = qw[rb, k]
-        a1 += (_i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3) * np.float32(scales[rb, g])
-        w = qw[rc, k]
-        a2 += (_i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3) * np.float32(scales[rc, g])
-        w = qw[rd, k]
-        a3 += (_i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3) * np.float32(scales[rd, g])
+    k = lane
+    while k + 96 < nwd:              # 4 word columns a step: 16 independent loads in flight per lane
+        p0, p1, p2, p3 = _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, xs, nwd)
+        q0, q1, q2, q3 = _col_int8(qw, scales, ra, rb, rc, rd, k + 32, gshift, xs, nwd)
+        u0, u1, u2, u3 = _col_int8(qw, scales, ra, rb, rc, rd, k + 64, gshift, xs, nwd)
+        v0, v1, v2, v3 = _col_int8(qw, scales, ra, rb, rc, rd, k + 96, gshift, xs, nwd)
+        a0 += (p0 + q0) + (u0 + v0)
+        a1 += (p1 + q1) + (u1 + v1)
+        a2 += (p2 + q2) + (u2 + v2)
+        a3 += (p3 + q3) + (u3 + v3)
+        k += 128
+    while k < nwd:
+        p0, p1, p2, p3 = _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, xs, nwd)
+        a0 += p0
+        a1 += p1
+        a2 += p2
+        a3 += p3
+        k += 32
     a0, a1, a2, a3 = warp_sum4(a0, a1, a2, a3, red)
     if lane == 0:
         _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
@@ -140,12 +165,31 @@ def _dot8(w, x0, x1, x2, x3, x4, x5, x6, x7, off):
             + _nib(w >> _S28, off) * x7)
 
 
+@device
+def _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, xs, nwd):
+    """Word column k of rows ra..rd (8 int4 each) against its 8 staged x values, scaled (+ mins)."""
+    x0, x1, x2, x3 = xs[k], xs[nwd + k], xs[2 * nwd + k], xs[3 * nwd + k]
+    x4, x5, x6, x7 = xs[4 * nwd + k], xs[5 * nwd + k], xs[6 * nwd + k], xs[7 * nwd + k]
+    g = (k << 2) >> hshift
+    s0 = _dot8(qw[ra, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[ra, g])
+    s1 = _dot8(qw[rb, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rb, g])
+    s2 = _dot8(qw[rc, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rc, g])
+    s3 = _dot8(qw[rd, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rd, g])
+    if has_mins:
+        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        s0 += xsum * np.float32(mins[ra, g])
+        s1 += xsum * np.float32(mins[rb, g])
+        s2 += xsum * np.float32(mins[rc, g])
+        s3 += xsum * np.float32(mins[rd, g])
+    return s0, s1, s2, s3
+
+
 @cuda.jit(fastmath=True)
 def gemv_int4_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
     """x (n,) f32; qw (rows, n/8) uint32 (Int4Weight bytes, 4 per word); scales, mins (rows, n >> gshift),
     mins (0, 0) when symmetric; gshift = log2(group), group a power of two >= 8."""
     xs = cuda.shared.array(0, F32)
-    red = cuda.shared.array(4 * BLOCK, F32)
+    red = cuda.shared.array(RED4, F32)
     part = cuda.shared.array(32, F32)
     t = cuda.threadIdx.x
     n = x.shape[0]
@@ -169,25 +213,24 @@ def gemv_int4_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
     r0 = cuda.blockIdx.x * GEMV_ROWS + (t >> 5) * 4
     ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
     a0 = a1 = a2 = a3 = np.float32(0.0)
-    for k in range(lane, nwd, 32):
-        x0, x1, x2, x3 = xs[k], xs[nwd + k], xs[2 * nwd + k], xs[3 * nwd + k]
-        x4, x5, x6, x7 = xs[4 * nwd + k], xs[5 * nwd + k], xs[6 * nwd + k], xs[7 * nwd + k]
-        g = (k << 2) >> hshift
-        s0 = _dot8(qw[ra, k], x0, x1, x2, x3, x4, x5, x6, x7, off)
-        s1 = _dot8(qw[rb, k], x0, x1, x2, x3, x4, x5, x6, x7, off)
-        s2 = _dot8(qw[rc, k], x0, x1, x2, x3, x4, x5, x6, x7, off)
-        s3 = _dot8(qw[rd, k], x0, x1, x2, x3, x4, x5, x6, x7, off)
-        if has_mins:
-            xsum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-            a0 += s0 * np.float32(scales[ra, g]) + xsum * np.float32(mins[ra, g])
-            a1 += s1 * np.float32(scales[rb, g]) + xsum * np.float32(mins[rb, g])
-            a2 += s2 * np.float32(scales[rc, g]) + xsum * np.float32(mins[rc, g])
-            a3 += s3 * np.float32(scales[rd, g]) + xsum * np.float32(mins[rd, g])
-        else:
-            a0 += s0 * np.float32(scales[ra, g])
-            a1 += s1 * np.float32(scales[rb, g])
-            a2 += s2 * np.float32(scales[rc, g])
-            a3 += s3 * np.float32(scales[rd, g])
+    k = lane
+    while k + 96 < nwd:              # 4 word columns a step, as in the int8 GEMV
+        p0, p1, p2, p3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, xs, nwd)
+        q0, q1, q2, q3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 32, hshift, xs, nwd)
+        u0, u1, u2, u3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 64, hshift, xs, nwd)
+        v0, v1, v2, v3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 96, hshift, xs, nwd)
+        a0 += (p0 + q0) + (u0 + v0)
+        a1 += (p1 + q1) + (u1 + v1)
+        a2 += (p2 + q2) + (u2 + v2)
+        a3 += (p3 + q3) + (u3 + v3)
+        k += 128
+    while k < nwd:
+        p0, p1, p2, p3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, xs, nwd)
+        a0 += p0
+        a1 += p1
+        a2 += p2
+        a3 += p3
+        k += 32
     a0, a1, a2, a3 = warp_sum4(a0, a1, a2, a3, red)
     if lane == 0:
         _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
@@ -239,7 +282,7 @@ def _make_gemv_dense(elem):
     def kernel(x, norm_w, eps, a, res, act, out):
         """Dense weight a (rows, n): x staged (normalised) in shared memory, 4 rows per warp."""
         xs = cuda.shared.array(0, F32)
-        red = cuda.shared.array(4 * BLOCK, F32)
+        red = cuda.shared.array(RED4, F32)
         part = cuda.shared.array(32, F32)
         t = cuda.threadIdx.x
         n = x.shape[0]
@@ -274,14 +317,15 @@ GEMV_DENSE = {k: _make_gemv_dense(ELEMS[k]) for k in ("f32", "f16", "bf16")}
 TR, TK = 64, 32
 TS = BLOCK // 16                  # token stride of a thread's two tokens
 TT = 2 * TS                       # tokens per block (32 on a GPU)
+W_TILE, X_TILE = (TK, TR), (TK, TT)
 
 
 def _make_gemm(elem):
     @cuda.jit(fastmath=True)
     def kernel(x, a, b, c, group, bias, res, out):
         """out (T, rows) = x (T, n) @ W.T + bias (rows,) or (0,) + res (T, rows) or (0, 0); out may be res."""
-        ws = cuda.shared.array((TK, TR), F32)
-        xt = cuda.shared.array((TK, TT), F32)
+        ws = cuda.shared.array(W_TILE, F32)
+        xt = cuda.shared.array(X_TILE, F32)
         t = cuda.threadIdx.x
         rr, tt = t % 16, t // 16                  # rows rr + 16 i, tokens tt + TS j
         R0, T0 = cuda.blockIdx.x * TR, cuda.blockIdx.y * TT
@@ -379,19 +423,19 @@ def launch_gemv(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act
     smem = 4 * n
     if kind == "int8":
         gs = PER_ROW if group == n else log2_exact(group)
-        gemv_int8_kernel[grid, BLOCK, stream, smem](x, nw, np.float32(eps), fields[0], fields[1], gs, rs, act, out)
+        go(gemv_int8_kernel, grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], gs, rs, act, out))
     elif kind == "int4":
-        gemv_int4_kernel[grid, BLOCK, stream, smem](x, nw, np.float32(eps), fields[0], fields[1], fields[2],
-                                                     log2_exact(group), rs, act, out)
+        go(gemv_int4_kernel, grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], fields[2],
+                                                          log2_exact(group), rs, act, out))
     else:
-        GEMV_DENSE[kind][grid, BLOCK, stream, smem](x, nw, np.float32(eps), fields[0], rs, act, out)
+        go(GEMV_DENSE[kind], grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], rs, act, out))
 
 
 def launch_gemm(kind, x, a, b, c, group, out, bias=None, res=None, stream=0):
     """out (T, rows) = x (T, n) @ W.T [+ bias (rows,)] [+ res (T, rows)]."""
     grid = (blocks(out.shape[1], TR), blocks(x.shape[0], TT))
-    GEMM[kind][grid, BLOCK, stream](x, a, b, c, int(group), dummy() if bias is None else bias,
-                                    dummy(2) if res is None else res, out)
+    go(GEMM[kind], grid, BLOCK, stream, 0, (x, a, b, c, int(group), dummy() if bias is None else bias,
+                                           dummy(2) if res is None else res, out))
 
 
 _NO_IDS = {}
@@ -404,7 +448,7 @@ def launch_embed(kind, ids, a, b, c, group, out, mul=1.0, stream=0, tok=0):
             _NO_IDS["i"] = cuda.device_array(0, np.int64)
         ids = _NO_IDS["i"]
     grid = (blocks(out.shape[1], BLOCK), out.shape[0])
-    EMBED[kind][grid, BLOCK, stream](ids, int(tok), a, b, c, int(group), np.float32(mul), out)
+    go(EMBED[kind], grid, BLOCK, stream, 0, (ids, tok, a, b, c, int(group), np.float32(mul), out))
 
 
 # ------------------------------------------------------------------ kernels_numba-compatible names

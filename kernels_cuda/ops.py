@@ -5,6 +5,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from ._launch import go
 from ._common import BLOCK, F32, block_sum, blocks, warp_sum
 
 
@@ -117,7 +118,7 @@ def _grid2(a):
 # ------------------------------------------------------------------ kernels_numba-compatible names
 
 def rms_norm(x, weight, eps, out):
-    rms_norm_kernel[x.shape[0], BLOCK](x, weight, np.float32(eps), out)
+    go(rms_norm_kernel, x.shape[0], BLOCK, 0, 0, (x, weight, np.float32(eps), out))
 
 
 def rms_norm_heads(x, weight, eps):
@@ -129,15 +130,15 @@ def rope(x, positions, inv_freq, attn_scale):
 
 
 def silu_mul(gate, up, out):
-    act_mul_kernel[_grid2(out), BLOCK](gate, up, 1, out)
+    go(act_mul_kernel, _grid2(out), BLOCK, 0, 0, (gate, up, 1, out))
 
 
 def gelu_tanh_mul(gate, up, out):
-    act_mul_kernel[_grid2(out), BLOCK](gate, up, 2, out)
+    go(act_mul_kernel, _grid2(out), BLOCK, 0, 0, (gate, up, 2, out))
 
 
 def add_inplace(x, y):
-    axpy_kernel[_grid2(x), BLOCK](x, y, np.float32(1.0), np.float32(1.0))
+    go(axpy_kernel, _grid2(x), BLOCK, 0, 0, (x, y, np.float32(1.0), np.float32(1.0)))
 
 
 def scale_inplace(x, s):
@@ -145,11 +146,11 @@ def scale_inplace(x, s):
 
 
 def add_rms_norm(x, a, weight, eps):
-    add_rms_norm_kernel[x.shape[0], BLOCK](x, a, weight, np.float32(eps))
+    go(add_rms_norm_kernel, x.shape[0], BLOCK, 0, 0, (x, a, weight, np.float32(eps)))
 
 
 def act_pairs(gu, act, out):
-    act_pairs_kernel[_grid2(out), BLOCK](gu, int(act), out)
+    go(act_pairs_kernel, _grid2(out), BLOCK, 0, 0, (gu, int(act), out))
 
 
 @cuda.jit

@@ -19,10 +19,13 @@ import math
 import numpy as np
 from numba import cuda
 
+from ._launch import go
 from ._common import F32, warp_max, warp_sum
 
 ATT_WARPS = 4
 MAX_HEAD_DIM = 256
+ATT_THREADS = ATT_WARPS * 32
+PS_SHAPE, ACC_SHAPE, ACC_LOCAL = (ATT_WARPS, 32), (ATT_WARPS, MAX_HEAD_DIM), MAX_HEAD_DIM // 32
 
 
 @cuda.jit(fastmath=True)
@@ -78,12 +81,12 @@ def rope_store_kernel(qkv, n_heads, q_norm, k_norm, eps, start, inv_freq, rope_s
 def paged_attention_kernel(q, k_pool, v_pool, table, start, scale, window, softcap, out):
     """Grid (T, H), ATT_WARPS warps per block."""
     qs = cuda.shared.array(MAX_HEAD_DIM, F32)
-    ps = cuda.shared.array((ATT_WARPS, 32), F32)
-    red = cuda.shared.array(ATT_WARPS * 32, F32)
+    ps = cuda.shared.array(PS_SHAPE, F32)
+    red = cuda.shared.array(ATT_THREADS, F32)
     ms = cuda.shared.array(ATT_WARPS, F32)
     ls = cuda.shared.array(ATT_WARPS, F32)
-    accs = cuda.shared.array((ATT_WARPS, MAX_HEAD_DIM), F32)
-    acc = cuda.local.array(MAX_HEAD_DIM // 32, F32)
+    accs = cuda.shared.array(ACC_SHAPE, F32)
+    acc = cuda.local.array(ACC_LOCAL, F32)
     t, h = cuda.blockIdx.x, cuda.blockIdx.y
     tid = cuda.threadIdx.x
     w, lane = tid // 32, tid % 32
@@ -190,8 +193,8 @@ def launch_attention(q, k_pool, v_pool, table, start, scale, window, softcap, ou
     T, H, d = q.shape
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} > {MAX_HEAD_DIM} is not supported by the CUDA attention kernel")
-    paged_attention_kernel[(T, H), ATT_WARPS * 32, stream](q, k_pool, v_pool, table, int(start), np.float32(scale),
-                                                          int(window), np.float32(softcap), out)
+    go(paged_attention_kernel, (T, H), ATT_THREADS, stream, 0, (q, k_pool, v_pool, table, start, np.float32(scale),
+                                                                int(window), np.float32(softcap), out))
 
 
 def paged_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, start, scale, window, softcap, out):

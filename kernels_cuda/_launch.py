@@ -1,0 +1,115 @@
+"""Kernel launches, and launch plans for the decode step.
+
+numba's dispatcher costs about 100 us of Python per launch of a kernel with many array
+arguments (measured on an H200 with numba-cuda 0.30: typing, then argument marshalling
+through cuda.core). A decode step launches the same ~100 kernels on the same buffers every
+token, so the runner records them once (``recording``) into ``Prepared`` launches: each
+kernel compiled once, its arguments marshalled into a ctypes parameter block once, and a
+launch is then one cuLaunchKernel call. Arguments that change per step (the position, the
+token id) are ``Dyn`` ints whose slot the plan rewrites in place.
+
+Under the simulator a Prepared launch just calls the kernel again (same results, no speed).
+"""
+from __future__ import annotations
+
+import ctypes
+from contextlib import contextmanager
+
+from ._common import SIM
+
+_RECORD: list | None = None
+
+
+class Dyn(int):
+    """An integer kernel argument that a recorded plan changes per step."""
+
+    def __new__(cls, name: str, value: int = 0):
+        o = int.__new__(cls, value)
+        o.name = name
+        return o
+
+
+def go(kern, grid, block, stream, smem, args):
+    """Launch, or append to the plan being recorded."""
+    if _RECORD is not None:
+        _RECORD.append(Prepared(kern, grid, block, smem, args))
+        return
+    if any(isinstance(a, Dyn) for a in args):
+        args = [int(a) if isinstance(a, Dyn) else a for a in args]
+    kern[grid, block, stream, smem](*args)
+
+
+@contextmanager
+def recording():
+    """Collect the launches made inside as Prepared launches instead of running them."""
+    global _RECORD
+    _RECORD = []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = None
+
+
+def _dim3(d):
+    d = tuple(d) if isinstance(d, tuple) else (d,)
+    return tuple(int(v) for v in d) + (1,) * (3 - len(d))
+
+
+class Prepared:
+    """One kernel launch with its arguments marshalled once (numba's kernel ABI: an array is
+    meminfo, parent, size, itemsize, data, shape..., strides...)."""
+
+    def __init__(self, kern, grid, block, smem, args):
+        self.kern, self.grid, self.block, self.smem = kern, grid, block, int(smem)
+        self.args = list(args)
+        self.dyn: dict[str, list] = {}
+        if SIM:
+            return
+        from cuda.bindings import driver as drv
+        self._drv = drv
+        plain = [int(a) if isinstance(a, Dyn) else a for a in args]
+        k = kern.compile(tuple(kern.typeof_pyval(a) for a in plain))
+        self.func = drv.CUfunction(int(k._codelibrary.get_cufunc().handle))
+        vals = []
+        for t, a in zip(k.argument_types, args):
+            if hasattr(t, "ndim") and hasattr(t, "layout"):
+                ptr = a.__cuda_array_interface__["data"][0] or 0
+                vals += [ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_int64(a.size),
+                         ctypes.c_int64(a.dtype.itemsize), ctypes.c_void_p(ptr)]
+                vals += [ctypes.c_int64(s) for s in a.shape] + [ctypes.c_int64(s) for s in a.strides]
+            elif str(t) in ("int64", "int32", "uint32", "uint64", "int8", "uint8", "int16", "uint16"):
+                c = getattr(ctypes, f"c_{t}")(int(a))
+                vals.append(c)
+                if isinstance(a, Dyn):
+                    self.dyn.setdefault(a.name, []).append(c)
+            elif str(t) == "float32":
+                vals.append(ctypes.c_float(a))
+            elif str(t) == "float64":
+                vals.append(ctypes.c_double(a))
+            elif str(t) == "bool":
+                vals.append(ctypes.c_bool(a))
+            else:
+                raise NotImplementedError(f"kernel argument type {t}")
+        self._vals = vals                                  # keep the ctypes objects alive
+        self._params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        self._addr = ctypes.addressof(self._params)
+        self._g, self._b = _dim3(grid), _dim3(block)
+        self._stream = drv.CUstream(0)
+
+    def set(self, name: str, value: int) -> None:
+        if SIM:
+            self.args = [Dyn(a.name, value) if isinstance(a, Dyn) and a.name == name else a for a in self.args]
+            return
+        for c in self.dyn.get(name, ()):
+            c.value = value
+
+    def __call__(self):
+        if SIM:
+            args = [int(a) if isinstance(a, Dyn) else a for a in self.args]
+            self.kern[self.grid, self.block, 0, self.smem](*args)
+            return
+        g, b = self._g, self._b
+        err, = self._drv.cuLaunchKernel(self.func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, self._stream,
+                                        self._addr, 0)
+        if err != self._drv.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuLaunchKernel failed: {err}")
