@@ -581,6 +581,7 @@ def _host_features():
 # vpexpandb puts a row's kept int8 values back at their inputs straight from the meta bits
 EXPAND = ISA == "vnni" and bool(_host_features().get("avx512vbmi2")) and bool(_host_features().get("avx512vnni"))
 _v64i8, _v16i32, _v64i1 = ir.VectorType(_i8, 64), ir.VectorType(_i32, 16), ir.VectorType(ir.IntType(1), 64)
+_v64i32_idx = ir.VectorType(_i32, 64)
 
 
 @intrinsic
@@ -600,15 +601,15 @@ def dot_24_expand(typingctx, vals, meta, xq, nchunks):
         xbase = _data(context, builder, sig_.args[2], args[2])[0]
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_v16i32, None)) for _ in range(2)]
         flip = ir.Constant(_v64i8, [-128] * 64)
-        expand = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_v64i8, [_i8.as_pointer(), _v64i1, _v64i8]), "llvm.masked.expandload.v64i8")
-
         def chunk(k, acc):
             mp = builder.inttoptr(builder.add(mbase, builder.mul(k, ir.Constant(_i64, 8))), _i64.as_pointer())
             m = builder.load(mp)
             m.align = 1
-            wp = builder.inttoptr(builder.add(vbase, builder.mul(k, ir.Constant(_i64, 32))), _i8.as_pointer())
-            w = builder.call(expand, [wp, builder.bitcast(m, _v64i1), ir.Constant(_v64i8, None)])
+            # register-form expand of a plain 32-byte load (the memory form is microcoded on Zen 4)
+            v32 = _load32(builder, vbase, builder.mul(k, ir.Constant(_i64, 32)))
+            v64 = builder.shuffle_vector(v32, ir.Constant(_v32i8, None), ir.Constant(_v64i32_idx, list(range(64))))
+            w = _call(builder, "llvm.x86.avx512.mask.expand.v64i8", _v64i8,
+                      [v64, ir.Constant(_v64i8, None), builder.bitcast(m, _v64i1)])
             wu = builder.bitcast(builder.xor(w, flip), _v16i32)
             xp = builder.inttoptr(builder.add(xbase, builder.mul(k, ir.Constant(_i64, 64))), _v64i8.as_pointer())
             xv = builder.load(xp)
