@@ -58,6 +58,54 @@ class CPUBackend:
         self._kernel(f"embed_{kind}")(ids, *fields, out)
         return out
 
+    # ---- a whole decoder layer for one token (kernels_numba/fused.py)
+    def prepare_decoder_layer(self, *, norms, eps, q, k, v, o, gate, up, down, biases, qk_norms,
+                              inv_freq, rope_scale, n_heads, n_kv, head_dim, scale, window, softcap):
+        """A Llama-style layer (pre-norm attention + SwiGLU MLP) -> a plan for decoder_layer_step,
+        with its scratch allocated once; None when it can't run fused (act_quant off, or a weight
+        kind or shape without a row kernel: then the model goes op by op)."""
+        from edgerun.kernels_numba import fused
+        from edgerun.kernels_numba.simd import BLOCK
+        if not self.act_quant:
+            return None
+        mats = [fused.rows_of(w) for w in (q, k, v, o, gate, up, down)]
+        hidden, nq = norms[0].shape[0], n_heads * head_dim
+        inter = (down.q.shape[1] if isinstance(down, Int8Weight) else
+                 down.qs.shape[1] * 2 if isinstance(down, Int4Weight) else down.w.shape[1])
+        if any(m is None for m in mats) or hidden % BLOCK or nq % BLOCK or inter % BLOCK:
+            return None
+
+        def act(n):
+            return np.empty(n, np.int8), np.empty(n // BLOCK, np.float32), np.empty(n // BLOCK, np.float32)
+
+        e = np.zeros(0, np.float32)
+        return dict(
+            norms=tuple(norms), qk_norms=tuple(a if a is not None else e for a in qk_norms), eps=np.float32(eps),
+            mats=tuple(mats), biases=tuple(b if b is not None else e for b in biases),
+            inv_freq=inv_freq, rope_scale=float(rope_scale), scale=np.float32(scale), window=int(window),
+            softcap=np.float32(softcap), positions=np.zeros(1, np.int64),
+            q=np.empty((1, n_heads, head_dim), np.float32), k=np.empty((1, n_kv, head_dim), np.float32),
+            v=np.empty((1, n_kv, head_dim), np.float32), att=np.empty((1, n_heads, head_dim), np.float32),
+            xn=np.empty(hidden, np.float32), act_h=act(hidden), act_a=act(nq), act_i=act(inter),
+            h=np.empty(inter, np.float32))
+
+    def decoder_layer_step(self, plan, x, state, layer):
+        """x (1, hidden) through one layer in one compiled call (in place); the token's K and V go
+        to state's cache at position state.length (reserved by the caller)."""
+        p = plan
+        kp, vp, ks, vs, table = state.layer(layer)
+        p["positions"][0] = state.length
+        self._fused.llama_layer_decode(
+            x[0], p["norms"], p["qk_norms"], p["eps"], *p["mats"], p["biases"], p["positions"], p["inv_freq"],
+            p["rope_scale"], kp, vp, ks, vs, kp.dtype == np.int8, table, p["scale"], p["window"], p["softcap"],
+            p["q"], p["k"], p["v"], p["att"], p["xn"], p["act_h"], p["act_a"], p["act_i"], p["h"])
+        return x
+
+    @property
+    def _fused(self):
+        from edgerun.kernels_numba import fused
+        return fused
+
     # ---- elementwise
     def rms_norm(self, x, weight, eps):
         out = np.empty_like(x)

@@ -105,6 +105,8 @@ class MLP:
 
 
 class Block:
+    fused = None        # the backend's one-call decode plan (subclasses with other layers keep None)
+
     def __init__(self, args, w, i, ops):
         p = f"model.layers.{i}"
         self.ops, self.eps, self.i = ops, args.rms_norm_eps, i
@@ -112,9 +114,19 @@ class Block:
         self.mlp_norm = w[f"{p}.post_attention_layernorm.weight"]
         self.attn = Attention(args, w, f"{p}.self_attn", ops, i)
         self.mlp = MLP(w, f"{p}.mlp", ops)
+        at = self.attn
+        # one token goes through the whole layer in one compiled call where the backend can
+        self.fused = ops.prepare_decoder_layer(
+            norms=(self.attn_norm, self.mlp_norm), eps=args.rms_norm_eps, q=at.q, k=at.k, v=at.v, o=at.o,
+            gate=self.mlp.gate, up=self.mlp.up, down=self.mlp.down, biases=(at.q_bias, at.k_bias, at.v_bias, at.o_bias),
+            qk_norms=(at.q_norm, at.k_norm), inv_freq=at.inv_freq, rope_scale=at.rope_scale,
+            n_heads=args.num_attention_heads, n_kv=args.num_key_value_heads, head_dim=args.head_dim,
+            scale=at.scale, window=at.window, softcap=at.softcap) if hasattr(ops, "prepare_decoder_layer") else None
 
     def __call__(self, x, positions, state):
         ops = self.ops
+        if self.fused is not None and x.shape[0] == 1:
+            return ops.decoder_layer_step(self.fused, x, state, self.i)
         h = ops.add_(x, self.attn(ops.rms_norm(x, self.attn_norm, self.eps), positions, state, self.i))
         return ops.add_(h, self.mlp(ops.rms_norm(h, self.mlp_norm, self.eps)))
 

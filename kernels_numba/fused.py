@@ -1,0 +1,173 @@
+"""One decode step of a Llama-family decoder layer in one compiled call.
+
+Op by op, one token crosses from Python into compiled code 16 times per layer (norm, three
+projections, two RoPEs, KV store, attention, output projection, residual, norm, gate, up, SiLU,
+down, residual), each crossing paying Python-side work (method calls, output allocation, argument
+typing) on top of the kernel. Here a layer is one call (measured: see benchmarks/dispatch.py), and
+the passes over memory that fusion saves are saved too:
+
+- RMSNorm -> int8 quantization of the activations, once for Q, K and V together, once for gate
+  and up together;
+- Q, K and V rows in one parallel loop; gate and up rows in one loop that applies SiLU(gate) * up
+  as it goes; residual additions folded into the output and down projections' stores;
+- scratch buffers come from the caller (allocated once per layer at load): the decode loop
+  allocates nothing.
+
+Weights are the packed containers (Int8Weight named tuples as they are; Int4Rows, F32Rows,
+F16Rows, BF16Rows wrappers made by rows_of); ``row_dot`` picks each kind's row
+kernel at compile time, so a layer with mixed kinds compiles once for its combination.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+from numba.extending import overload
+
+from edgerun.packed import DenseWeight, Int4Weight, Int8Weight
+
+from ._common import FASTMATH, JIT
+from .ops import rms_norm_heads, rope
+from .paged_attention import paged_attention, store_kv_paged, store_kv_paged_int8
+from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int8_row, quantize_act
+
+
+class Int4Rows(NamedTuple):
+    """An Int4Weight with its mins resolved: the scales themselves when it has none (then unused),
+    so that the row kernel takes no branch (a conditional inside the IR-inlined row_dot trips
+    Numba's parfor pass, and a call per row measured 3x slower)."""
+    qs: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray
+    has_mins: bool
+    group: int
+
+
+class F32Rows(NamedTuple):
+    w: np.ndarray          # float32 (out, in)
+
+
+class F16Rows(NamedTuple):
+    w: np.ndarray          # uint16 float16 bits (out, in)
+
+
+class BF16Rows(NamedTuple):
+    w: np.ndarray          # uint16 bfloat16 bits (out, in)
+
+
+def rows_of(c):
+    """A packed container as row_dot takes it (dense weights wrapped by dtype), or None when the
+    kind has no row kernel here or the shape does not suit int8 activations."""
+    if isinstance(c, DenseWeight):
+        return {"f32": F32Rows, "f16": F16Rows, "bf16": BF16Rows}[c.dtype](c.w) if c.w.ndim == 2 else None
+    n = c.qs.shape[1] * 2 if isinstance(c, Int4Weight) else getattr(c, "q", np.empty((0, 0))).shape[1]
+    if isinstance(c, Int4Weight) and n % BLOCK == 0 and c.group % BLOCK == 0:
+        has_mins = c.mins.shape[0] > 0
+        return Int4Rows(c.qs, c.scales, c.mins if has_mins else c.scales, has_mins, c.group)
+    if isinstance(c, Int8Weight) and n % BLOCK == 0 and c.group in (BLOCK, n):
+        return c
+    return None
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def _dot_f32(a, b):
+    """A function of its own: a loop inside the IR-inlined row_dot trips the parfor pass."""
+    acc = np.float32(0.0)
+    for j in range(a.shape[0]):
+        acc += a[j] * b[j]
+    return acc
+
+
+def row_dot(w_, row_, x_, xq_, xs_, xsum_):
+    """Row row_ of weight w_ times the activations: x (float32) for dense kinds, (xq, xs, xsum)
+    (simd.quantize_act of x) for int8 and int4."""
+    raise NotImplementedError
+
+
+@overload(row_dot, jit_options=JIT, inline="always")
+def _row_dot(w_, row_, x_, xq_, xs_, xsum_):
+    # inlined at the Numba IR level (a call per row measured 3x slower); parameter names are
+    # distinct from the callers' loop variables, which an inlined assignment would overwrite
+    cls = getattr(w_, "instance_class", None)
+    if cls is Int4Rows:
+        return lambda w_, row_, x_, xq_, xs_, xsum_: dot_int4_row(
+            w_.qs[row_], w_.scales[row_], w_.mins[row_], w_.has_mins, xq_, xs_, xsum_, w_.group)
+    if cls is Int8Weight:
+        return lambda w_, row_, x_, xq_, xs_, xsum_: dot_int8_row(w_.q[row_], w_.scales[row_], xq_, xs_, xsum_, w_.group)
+    if cls is F16Rows:
+        return lambda w_, row_, x_, xq_, xs_, xsum_: dot_half_row(w_.w[row_], x_, False)
+    if cls is BF16Rows:
+        return lambda w_, row_, x_, xq_, xs_, xsum_: dot_half_row(w_.w[row_], x_, True)
+    if cls is F32Rows:
+        return lambda w_, row_, x_, xq_, xs_, xsum_: _dot_f32(w_.w[row_], x_)
+    return None
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _norm_into(x, weight, eps, out):
+    """out = x / rms(x) * weight, one vector."""
+    ss = np.float32(0.0)
+    for j in range(x.shape[0]):
+        ss += x[j] * x[j]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[0]) + eps)
+    for j in range(x.shape[0]):
+        out[j] = x[j] * inv * weight[j]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, biases,
+                       positions, inv_freq, rope_scale,
+                       kp, vp, ks, vs, quantized, table, scale, window, softcap,
+                       q, k, v, att, xn, act_h, act_a, act_i, h):
+    """One token through one layer; x (hidden,) float32 is updated in place.
+
+    norms: (attention norm, MLP norm) (hidden,); qk_norms: (q_norm, k_norm) (head_dim,) or
+    empty; biases: (q, k, v, o) biases or empty arrays. positions (1,) int64: this token's
+    position (also where its K and V go). kp, vp, ks, vs, table: the layer's paged KV cache
+    (edgerun/cache/paged.py; int8 when quantized). Scratch: q (1, H, d), k and v (1, Hk, d),
+    att (1, H, d), xn (hidden,), act_* = (xq, xs, xsum) for the hidden, attention and MLP widths,
+    h (inter,)."""
+    H, d = q.shape[1], q.shape[2]
+    Hk = k.shape[1]
+    nq, nk = H * d, Hk * d
+    qf, kf, vf = q.reshape(nq), k.reshape(nk), v.reshape(nk)
+    bq, bk, bv, bo = biases
+    # ---- attention: norm -> int8 once -> Q, K, V rows in one loop
+    _norm_into(x, norms[0], eps, xn)
+    quantize_act(xn, act_h[0], act_h[1], act_h[2])
+    for i in prange(nq + 2 * nk):
+        if i < nq:
+            qf[i] = row_dot(wq, i, xn, act_h[0], act_h[1], act_h[2]) + (bq[i] if bq.shape[0] else np.float32(0.0))
+        elif i < nq + nk:
+            r = i - nq
+            kf[r] = row_dot(wk, r, xn, act_h[0], act_h[1], act_h[2]) + (bk[r] if bk.shape[0] else np.float32(0.0))
+        else:
+            r = i - nq - nk
+            vf[r] = row_dot(wv, r, xn, act_h[0], act_h[1], act_h[2]) + (bv[r] if bv.shape[0] else np.float32(0.0))
+    if qk_norms[0].shape[0]:
+        rms_norm_heads(q, qk_norms[0], eps)
+        rms_norm_heads(k, qk_norms[1], eps)
+    rope(q, positions, inv_freq, rope_scale)
+    rope(k, positions, inv_freq, rope_scale)
+    start = positions[0]
+    if quantized:
+        store_kv_paged_int8(k, v, kp, vp, ks, vs, table, start)
+    else:
+        store_kv_paged(k, v, kp, vp, table, start)
+    paged_attention(q, kp, vp, ks, vs, quantized, table, start, scale, window, softcap, att)
+    # ---- output projection, residual added in place
+    af = att.reshape(nq)
+    quantize_act(af, act_a[0], act_a[1], act_a[2])
+    for r in prange(x.shape[0]):
+        x[r] += row_dot(wo, r, af, act_a[0], act_a[1], act_a[2]) + (bo[r] if bo.shape[0] else np.float32(0.0))
+    # ---- MLP: norm -> int8 once -> gate and up rows together, SiLU(gate) * up -> down (+ residual)
+    _norm_into(x, norms[1], eps, xn)
+    quantize_act(xn, act_h[0], act_h[1], act_h[2])
+    for r in prange(h.shape[0]):
+        g = row_dot(wg, r, xn, act_h[0], act_h[1], act_h[2])
+        u = row_dot(wu, r, xn, act_h[0], act_h[1], act_h[2])
+        h[r] = g / (np.float32(1.0) + np.exp(-g)) * u
+    quantize_act(h, act_i[0], act_i[1], act_i[2])
+    for r in prange(x.shape[0]):
+        x[r] += row_dot(wd, r, h, act_i[0], act_i[1], act_i[2])
