@@ -632,6 +632,59 @@ def dot_24_expand(typingctx, vals, meta, xq, nchunks):
     return sig, codegen
 
 
+@intrinsic
+def dot_24_expand_f16(typingctx, vals, meta, x, nchunks):
+    """sum(w * x) over the first 32 * nchunks inputs of a 2:4 row with float16 values, in float32:
+    per 32 inputs, 4 meta bytes are the mask of vpexpandw, which puts the next 16 values at their
+    inputs; vcvtph2ps and an fma with the activations finish it (no activation quantization)."""
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (vals, meta, x)):
+        return None
+    sig = types.float32(vals, meta, x, nchunks)
+    f32, v16f32, v32i16 = ir.FloatType(), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_i16, 32)
+    v16h, v32i1 = ir.VectorType(ir.HalfType(), 16), ir.VectorType(ir.IntType(1), 32)
+
+    def codegen(context, builder, sig_, args):
+        vbase = _data(context, builder, sig_.args[0], args[0])[0]
+        mbase = _data(context, builder, sig_.args[1], args[1])[0]
+        xbase = _data(context, builder, sig_.args[2], args[2])[0]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f32, None)) for _ in range(4)]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f32, [v16f32] * 3), "llvm.fma.v16f32")
+
+        def chunk(k, accs):
+            mp = builder.inttoptr(builder.add(mbase, builder.mul(k, ir.Constant(_i64, 4))), _i32.as_pointer())
+            m = builder.load(mp)
+            m.align = 1
+            # expand bytes, not words (vpexpandw is slow on Zen 4): each mask bit doubled by pdep
+            v32 = _load32(builder, vbase, builder.mul(k, ir.Constant(_i64, 32)))
+            v64 = builder.shuffle_vector(v32, ir.Constant(_v32i8, None), ir.Constant(_v64i32_idx, list(range(64))))
+            m2 = _call(builder, "llvm.x86.bmi.pdep.64", _i64, [builder.zext(m, _i64), ir.Constant(_i64, 0x5555555555555555)])
+            m2 = builder.or_(m2, builder.shl(m2, ir.Constant(_i64, 1)))
+            w = builder.bitcast(_call(builder, "llvm.x86.avx512.mask.expand.v64i8", _v64i8,
+                                      [v64, ir.Constant(_v64i8, None), builder.bitcast(m2, _v64i1)]), v32i16)
+            for h in range(2):
+                wh = builder.shuffle_vector(w, w, ir.Constant(ir.VectorType(_i32, 16), list(range(16 * h, 16 * h + 16))))
+                wf = builder.fpext(builder.bitcast(wh, v16h), v16f32)
+                xp = builder.inttoptr(builder.add(xbase, builder.add(builder.mul(k, ir.Constant(_i64, 128)),
+                                                                    ir.Constant(_i64, 64 * h))), v16f32.as_pointer())
+                xv = builder.load(xp)
+                xv.align = 4
+                builder.store(builder.call(fma, [wf, xv, builder.load(accs[h])]), accs[h])
+
+        two = ir.Constant(_i64, 2)        # four independent fma chains: two chunks a step
+        with cgutils.for_range(builder, builder.udiv(args[3], two)) as loop:
+            chunk(builder.mul(loop.index, two), accs[:2])
+            chunk(builder.add(builder.mul(loop.index, two), ir.Constant(_i64, 1)), accs[2:])
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(args[3], two), ir.Constant(_i64, 0))):
+            chunk(builder.sub(args[3], ir.Constant(_i64, 1)), accs[:2])
+        v = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
+                         builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
+        r = builder.extract_element(v, ir.Constant(_i32, 0))
+        for i in range(1, 16):
+            r = builder.fadd(r, builder.extract_element(v, ir.Constant(_i32, i)))
+        return r
+    return sig, codegen
+
+
 @njit(inline="always")
 def _unpack_24_row(vrow, mrow, s, dst):
     """kept values -> dense float32 row (zeros elsewhere)."""
@@ -680,11 +733,14 @@ def gemm_sparse24(x, vals, meta, scales, out):
         return
     if T == 1:
         x0 = x[0]
+        nch = n // 32 if EXPAND and not has_scales else 0        # float16 values: vpexpandw + fma
         for r in prange(rows):
             vr = vals[r]
             mr = meta[r]
             acc = np.float32(0.0)
-            for g in range(ng):
+            if nch:
+                acc = dot_24_expand_f16(vr, mr, x0, nch)
+            for g in range(nch * 8, ng):
                 nib = (np.int64(mr[g >> 1]) >> ((g & 1) * 4)) & 15
                 acc += as_value(vr[2 * g]) * x0[4 * g + _P0[nib]] + as_value(vr[2 * g + 1]) * x0[4 * g + _P1[nib]]
             out[0, r] = acc * scales[r] if has_scales else acc
