@@ -69,6 +69,8 @@ class CPUBackend:
         if not self.act_quant:
             return None
         mats = [fused.rows_of(w) for w in (q, k, v, o, gate, up, down)]
+        if any(m is None for m in mats):
+            return None
         hidden, nq = norms[0].shape[0], n_heads * head_dim
         inter = (down.q.shape[1] if isinstance(down, Int8Weight) else
                  down.qs.shape[1] * 2 if isinstance(down, Int4Weight) else down.w.shape[1])

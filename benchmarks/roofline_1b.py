@@ -1,0 +1,143 @@
+"""Decode of a ~1B-parameter Llama shape against the memory-bandwidth roofline, per packed kind.
+
+    python benchmarks/roofline_1b.py [--kinds int8 int4 ternary] [--threads 2] [--rounds 5]
+
+The model is Llama-3.2-1B-like (hidden 2048, 16 layers, MLP 8192, 32 query / 8 KV heads) with
+SmolLM2's 49152-token vocabulary and tokenizer: 1.17B parameters, random weights made here (the
+packed codes directly, not quantized floats), written once to benchmarks/results/llama1b-KIND.edr.
+The embedding table and the head are int8 in every variant (as BitNet keeps them), the 112
+layer matrices are KIND.
+
+In one process, interleaved by round (int8, int4, ternary, int8, ...): decode --gen tokens after
+a 32-token prompt, and the streaming-read bandwidth (edgerun.bench.memory_bandwidth) before
+every round. Roofline ratio = decode tok/s x bytes read per token / bandwidth (medians).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=64, vocab_size=49152, max_position_embeddings=4096,
+             rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def _f16_scales(rng, shape, scale):
+    return (rng.uniform(0.5, 1.5, shape) * scale).astype(np.float16).view(np.uint16)
+
+
+def random_packed(kind: str, rows: int, cols: int, rng):
+    """A PackedTensor of random codes whose dequantized weights have std ~ 0.7 / sqrt(cols)."""
+    from edgerun.format import PackedTensor
+    std = 0.7 / np.sqrt(cols)
+    if kind == "int8":
+        q = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
+        return PackedTensor("int8", (rows, cols), {"group": cols},
+                            {"q": q, "scales": _f16_scales(rng, (rows, 1), std / 73)})
+    if kind == "int4":
+        qs = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
+        return PackedTensor("int4", (rows, cols), {"group": 32},
+                            {"qs": qs, "scales": _f16_scales(rng, (rows, cols // 32), std / 4.6)})
+    if kind == "ternary":      # 2-bit codes t + 1 in {0, 1, 2}, four to a byte (packed.TernaryWeight)
+        t = rng.integers(0, 3, (4, rows, cols // 4), dtype=np.uint8)
+        codes = t[0] | (t[1] << 2) | (t[2] << 4) | (t[3] << 6)
+        return PackedTensor("ternary", (rows, cols), {"n": cols, "per_row": False},
+                            {"codes": codes, "scales": np.array([std / 0.82], np.float32)})
+    raise ValueError(kind)
+
+
+def build(kind: str, out: Path) -> Path:
+    """Write llama1b-KIND.edr (once)."""
+    if out.exists():
+        return out
+    import edgerun
+    from edgerun import format as edr
+    from edgerun.format import PackedTensor
+    from edgerun.registry import model_dir, pull
+    pull("smollm2-135m", quiet=True)
+    tok = edgerun.load(model_dir("smollm2-135m") / "smollm2-135m.edr").file.tokenizer
+    rng = np.random.default_rng(0)
+    s = SHAPE
+    h, i, d = s["hidden_size"], s["intermediate_size"], s["head_dim"]
+    nq, nkv = s["num_attention_heads"] * d, s["num_key_value_heads"] * d
+
+    def tensors():
+        ones = PackedTensor.from_array(np.ones(h, np.float32), "f32")
+        yield "model.embed_tokens.weight", random_packed("int8", s["vocab_size"], h, rng)
+        for layer in range(s["num_hidden_layers"]):
+            p = f"model.layers.{layer}"
+            yield f"{p}.input_layernorm.weight", ones
+            yield f"{p}.post_attention_layernorm.weight", ones
+            for name, rows, cols in (("self_attn.q_proj", nq, h), ("self_attn.k_proj", nkv, h),
+                                     ("self_attn.v_proj", nkv, h), ("self_attn.o_proj", h, nq),
+                                     ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h), ("mlp.down_proj", h, i)):
+                yield f"{p}.{name}.weight", random_packed(kind, rows, cols, rng)
+        yield "model.norm.weight", ones
+        yield "lm_head.weight", random_packed("int8", s["vocab_size"], h, rng)
+
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **SHAPE}
+    edr.write(out, arch="LlamaForCausalLM", config=config, tokenizer=tok, tensors=tensors(),
+              extra={"quant": f"{kind} (random weights; embeddings and head int8)", "source": "roofline_1b.py"})
+    return out
+
+
+def decode_tok_s(m, gen: int, seed: int) -> float:
+    ids = np.random.default_rng(seed).integers(100, 30000, 32).tolist()
+    st = m.new_state()
+    tok = int(np.argmax(m.step(st, ids, last_only=True)[-1]))
+    t0 = time.perf_counter()
+    for _ in range(gen):
+        tok = int(np.argmax(m.step(st, [tok], last_only=True)[-1]))
+    return gen / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", nargs="+", default=["int8", "int4", "ternary"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "roofline_1b.json")
+    a = ap.parse_args(argv)
+    import edgerun
+    from edgerun.bench import bytes_per_token, memory_bandwidth
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for kind in a.kinds:
+        t0 = time.perf_counter()
+        path = build(kind, a.out.parent / f"llama1b-{kind}.edr")
+        models[kind] = edgerun.load(path, threads=a.threads)
+        decode_tok_s(models[kind], 2, 0)                 # compile / warm, pages in
+        print(f"{kind}: {path} ({path.stat().st_size / 2**30:.2f} GiB) ready in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    bw, dec = [], {k: [] for k in models}
+    for r in range(a.rounds):
+        bw.append(memory_bandwidth(a.threads))
+        for kind, m in models.items():
+            dec[kind].append(decode_tok_s(m, a.gen, r + 1))
+    band = statistics.median(bw)
+    rows = []
+    for kind, m in models.items():
+        per_token = bytes_per_token(m)
+        tok_s = statistics.median(dec[kind])
+        rows.append({"kind": kind, "decode_tok_s": tok_s, "decode_all": dec[kind], "bytes_per_token": per_token,
+                     "roofline_tok_s": band / per_token, "roofline_ratio": tok_s * per_token / band})
+        print(f"{kind:8s} decode {tok_s:6.2f} tok/s  {per_token / 2**20:7.1f} MiB/token  roofline {band / per_token:6.2f} "
+              f"tok/s  -> {100 * tok_s * per_token / band:4.0f}% of it", flush=True)
+    speed = {r["kind"]: r["decode_tok_s"] for r in rows}
+    if "ternary" in speed and "int4" in speed:
+        print(f"ternary / int4 decode: {speed['ternary'] / speed['int4']:.2f}x")
+    print(f"bandwidth {band / 1e9:.1f} GB/s (median of {a.rounds}, {a.threads} threads, streaming read)")
+    a.out.write_text(json.dumps({"bench": "roofline_1b", "shape": SHAPE, "threads": a.threads, "rounds": a.rounds,
+                                 "gen_tokens": a.gen, "bandwidth_gb_s": band / 1e9, "bandwidth_all": bw,
+                                 "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
