@@ -9,7 +9,9 @@ row is quantized by absmax (scale 127 / max|x|, round half to even, clip to -128
 once per row (per group for binary). Codes are stored as t + 1 (0, 1, 2), so
 sum(t * x) = sum(code * x) - sum(x): the inner loops are unsigned-by-signed byte products
 that LLVM turns into vpdpbusd (AVX512-VNNI) / vpmaddubsw-class code.
-Sparse kinds take float32 activations (weight-only quantization, like int8/int4).
+Sparse kinds take float32 activations (weight-only quantization), except one token against 2:4
+int8 values, which is quantized to int8 per token like the int8/int4 ``_q8`` decode paths. 2:4
+rows are put back in place by AVX512-VBMI2's vpexpandb straight from their position masks.
 
 T == 1 (decode) walks the packed rows directly with prange over rows; T > 1 (prefill)
 unpacks a block of rows once into a small int8/float buffer and reuses it for every token.
