@@ -40,11 +40,11 @@ class CPUBackend:
         return f
 
     def linear(self, x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
-        """x (T, in) float32 @ W.T -> (T, out), by gemm_<kind>. One token against int8/int4
-        weights goes to gemm_<kind>_q8 (activations quantized to int8, integer SIMD dots) unless
+        """x (T, in) float32 @ W.T -> (T, out), by gemm_<kind>. Against int8/int4 weights,
+        gemm_<kind>_q8 (activations quantized to int8 per block of 32, integer SIMD dots) unless
         the backend was made with act_quant=False."""
         kind, fields = self._kernel_args(w)
-        if self.act_quant and x.shape[0] == 1 and kind in ("int8", "int4"):
+        if self.act_quant and kind in ("int8", "int4"):
             kind += "_q8"
         if out is None:
             out = np.empty((x.shape[0], fields[0].shape[0]), np.float32)
@@ -296,6 +296,15 @@ class CPUBackend:
         out = np.empty((wx.shape[0], state.shape[1]), np.float32) if out is None else out
         ws = np.empty((4, R.shape[2]), np.float32) if ws is None else ws
         self._xlstm.slstm(wx, R, b, state, norm_w, np.float32(norm_eps), ws, out)
+        return out
+
+    def small_linear(self, x, w, out=None):
+        """x @ W.T on one thread for a few-row float32 weight (the gate projections: a parallel
+        region costs more than their work); any other weight goes to linear."""
+        if getattr(w, "dtype", None) != "f32" or not isinstance(getattr(w, "w", None), np.ndarray):
+            return self.linear(x, w, out)
+        out = np.empty((x.shape[0], w.w.shape[0]), np.float32) if out is None else out
+        self._xlstm.small_gemm(x, w.w, out)
         return out
 
     def headwise_linear(self, x, w, out=None):

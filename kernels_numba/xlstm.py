@@ -241,6 +241,19 @@ def slstm(wx, R, b, state, nw, norm_eps, ws, out):
 # ---------------------------------------------------------------- small fused pieces
 
 @njit(fastmath=FASTMATH, **_JIT)
+def small_gemm(x, w, out):
+    """out = x @ w.T on one thread, for the few-row gate projections (x (T, n), w (rows, n))."""
+    for t in range(x.shape[0]):
+        xt = x[t]
+        for r in range(w.shape[0]):
+            wr = w[r]
+            acc = np.float32(0.0)
+            for j in range(xt.shape[0]):
+                acc += wr[j] * xt[j]
+            out[t, r] = acc
+
+
+@njit(fastmath=FASTMATH, **_JIT)
 def headwise_linear(x, w, out):
     """Block-diagonal projection: x (T, nb*i) , w (nb, o, i) -> out (T, nb*o)."""
     T = x.shape[0]

@@ -97,7 +97,7 @@ class Block:
         h = ops.rms_norm_into(x, self.norm_mlstm, a.norm_eps, s.h) if s else ops.rms_norm(x, self.norm_mlstm, a.norm_eps)
         q, k = lin(h, self.q, out=s and s.q), lin(h, self.k, out=s and s.k)
         v, o = lin(h, self.v, out=s and s.v), lin(h, self.o, out=s and s.o)
-        ig, fg = lin(h, self.ig, out=s and s.ig), lin(h, self.fg, out=s and s.fg)
+        ig, fg = ops.small_linear(h, self.ig, out=s and s.ig), ops.small_linear(h, self.fg, out=s and s.fg)
         y = ops.mlstm(q, k, v, ig, fg, self.ib, self.fb, state["C"][i], state["n"][i], state["m"][i], self.mh_norm,
                       cap=a.gate_soft_cap, eps=a.eps, norm_eps=a.norm_eps, chunk_size=a.chunk_size,
                       out=s and s.y)                                               # (T, H*d_v)

@@ -111,7 +111,7 @@ class MLSTMBlock:
             ops.headwise_linear(src, wt, out=dst)
             if b is not None:
                 dst += b
-        ig, fg = ops.linear(qkv, self.ig, out=s and s.ig), ops.linear(qkv, self.fg, out=s and s.fg)
+        ig, fg = ops.small_linear(qkv, self.ig, out=s and s.ig), ops.small_linear(qkv, self.fg, out=s and s.fg)
         y = ops.mlstm(q, k, v, ig, fg, self.ib, self.fb, state["C"][0][j], state["n"][0][j], state["m"][0][j],
                       self.outnorm, cap=0.0, eps=1e-6, norm_eps=LN_EPS, out=s and s.y)
         ops.skip_silu_gate_(y, self.skip, xc, z)
