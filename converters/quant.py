@@ -97,6 +97,8 @@ class QuantPlan:
             sparsity = 0.5
         elif sparsity:
             pattern = pattern or "unstructured"
+        elif pattern == "unstructured":
+            raise ConversionError("--sparsity-pattern unstructured needs --sparsity S (the fraction to prune, e.g. 0.9)")
         else:
             sparsity, pattern = 0.0, None
         if pattern and quant not in ("f32", "f16", "bf16", "int8"):

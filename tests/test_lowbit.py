@@ -333,6 +333,7 @@ def test_convert_mixed_precision_rules(capsys, tiny_llama, tmp_path):
     (["--rules", "embed_tokens"], ["--rules", "PATTERN=KIND"]),
     (["--rules", "*=int3"], ["--rules", "int3"]),
     (["--quant", "binary", "--group-size", "12"], ["--group-size", "binary"]),
+    (["--sparsity-pattern", "unstructured"], ["--sparsity-pattern unstructured", "--sparsity S"]),
 ])
 def test_convert_bad_options(capsys, tiny_llama, tmp_path, args, needles):
     _, hf = tiny_llama
