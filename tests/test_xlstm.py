@@ -217,6 +217,22 @@ def _dequantized_hf(model, m):
     return dq
 
 
+class _float_activations:
+    """With a backend that quantizes activations to int8 against int8/int4 weights (act_quant),
+    switch that off: the packed weights are then the only approximation, as in the reference."""
+
+    def __init__(self, ops):
+        self.ops, self.old = ops, getattr(ops, "act_quant", None)
+
+    def __enter__(self):
+        if self.old is not None:
+            self.ops.act_quant = False
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            self.ops.act_quant = self.old
+
+
 @pytest.mark.parametrize("quant", ["f16", "int8", "int4"])
 def test_packed_weights_match_dequantized_transformers(quant, built):
     model, d, m32 = built("2heads")
@@ -224,21 +240,18 @@ def test_packed_weights_match_dequantized_transformers(quant, built):
     kinds = {n: x["kind"] for n, x in m.file.descriptors.items()}
     assert {k for n, k in kinds.items() if "igate_preact" in n or "fgate_preact" in n} == {"f32"}
     assert quant in set(kinds.values())
-    got = m.forward(IDS)
     ref = hf_logits(_dequantized_hf(model, m), IDS)
-    assert _err(got, ref) < F32_TOL, f"{quant}: {_err(got, ref):.3g} vs dequantized transformers"
-    # one-token steps equal the prefill when decode uses the same float activations (a backend that
-    # quantizes decode activations to int8 for int8/int4 weights is a different, approximate schedule)
-    aq = getattr(m.ops, "act_quant", None)
-    if aq is not None:
-        m.ops.act_quant = False
-    try:
+    with _float_activations(m.ops):
+        got = m.forward(IDS)
         st = m.new_state()
         steps = np.concatenate([m.step(st, IDS[:9])] + [m.step(st, [t]) for t in IDS[9:]])
-    finally:
-        if aq is not None:
-            m.ops.act_quant = aq
+    assert _err(got, ref) < F32_TOL, f"{quant}: {_err(got, ref):.3g} vs dequantized transformers"
     assert _err(steps, got) < F32_TOL
+    # the default schedule (int8 activations where the backend uses them) stays near it
+    st = m.new_state()
+    default = np.concatenate([m.step(st, IDS[:9])] + [m.step(st, [t]) for t in IDS[9:]])
+    print(f"\n{quant}: default activations vs float: {_err(default, got):.3g}")
+    assert _err(default, got) < 0.25
 
 
 def test_long_sequence_is_stable(built):
