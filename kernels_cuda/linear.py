@@ -27,8 +27,11 @@ from numba import cuda
 from ._launch import go
 from ._common import BLOCK, F32, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_sum4
 
-GEMV_ROWS = BLOCK // 32 * 4       # output rows per GEMV block: 4 per warp
+GEMV_SPLIT = min(4, BLOCK // 32)  # int8/int4 GEMV: warps sharing 4 rows, splitting the inputs between them
+GEMV_ROWS = BLOCK // 32 // GEMV_SPLIT * 4    # output rows per int8/int4 GEMV block (8 on a GPU)
+DENSE_ROWS = BLOCK // 32 * 4      # output rows per dense GEMV block: 4 per warp
 RED4 = 4 * BLOCK                  # shared scratch of warp_sum4 (a compile-time constant)
+PART = (BLOCK // 32, 32)          # per-warp partial sums (4 rows + sum of squares); row 0 doubles as block_sum's
 MAX_SMEM_X = 12 * 1024            # x values a GEMV stages in shared memory (48 KiB)
 PER_ROW = 31                      # gshift meaning "one scale per row"
 
@@ -92,7 +95,7 @@ def _norm_scale(x, norm_w, eps, red, part):
     for i in range(cuda.threadIdx.x, n, cuda.blockDim.x):
         ss += x[i] * x[i]
     ss = block_sum(ss, red, part)
-    return np.float32(1.0) / math.sqrt(ss / n + eps)
+    return np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
 
 
 # ------------------------------------------------------------------ GEMV (one token)
@@ -103,62 +106,6 @@ def _dot4(w, x0, x1, x2, x3):
 
 
 @device
-def _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, xs, nwd):
-    """Word column k of rows ra..rd (4 int8 each) against its 4 staged x values, scaled."""
-    x0, x1, x2, x3 = xs[k], xs[nwd + k], xs[2 * nwd + k], xs[3 * nwd + k]
-    g = (k << 2) >> gshift
-    return (_dot4(qw[ra, k], x0, x1, x2, x3) * np.float32(scales[ra, g]),
-            _dot4(qw[rb, k], x0, x1, x2, x3) * np.float32(scales[rb, g]),
-            _dot4(qw[rc, k], x0, x1, x2, x3) * np.float32(scales[rc, g]),
-            _dot4(qw[rd, k], x0, x1, x2, x3) * np.float32(scales[rd, g]))
-
-
-@cuda.jit(fastmath=True)
-def gemv_int8_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
-    """x (n,) f32; norm_w (n,) or (0,); qw (rows, n/4) uint32; scales (rows, n >> gshift);
-    res (rows,) or (0,); out (rows,) or, with act, (rows/2,)."""
-    xs = cuda.shared.array(0, F32)
-    red = cuda.shared.array(RED4, F32)
-    part = cuda.shared.array(32, F32)
-    t = cuda.threadIdx.x
-    n = x.shape[0]
-    nwd = n >> 2
-    inv = _norm_scale(x, norm_w, eps, red, part)
-    for i in range(t, n, BLOCK):
-        v = x[i] * inv
-        if norm_w.shape[0] > 0:
-            v *= norm_w[i]
-        xs[(i & 3) * nwd + (i >> 2)] = v
-    cuda.syncthreads()
-    rows = qw.shape[0]
-    lane = t & 31
-    r0 = cuda.blockIdx.x * GEMV_ROWS + (t >> 5) * 4
-    ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    k = lane
-    while k + 96 < nwd:              # 4 word columns a step: 16 independent loads in flight per lane
-        p0, p1, p2, p3 = _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, xs, nwd)
-        q0, q1, q2, q3 = _col_int8(qw, scales, ra, rb, rc, rd, k + 32, gshift, xs, nwd)
-        u0, u1, u2, u3 = _col_int8(qw, scales, ra, rb, rc, rd, k + 64, gshift, xs, nwd)
-        v0, v1, v2, v3 = _col_int8(qw, scales, ra, rb, rc, rd, k + 96, gshift, xs, nwd)
-        a0 += (p0 + q0) + (u0 + v0)
-        a1 += (p1 + q1) + (u1 + v1)
-        a2 += (p2 + q2) + (u2 + v2)
-        a3 += (p3 + q3) + (u3 + v3)
-        k += 128
-    while k < nwd:
-        p0, p1, p2, p3 = _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, xs, nwd)
-        a0 += p0
-        a1 += p1
-        a2 += p2
-        a3 += p3
-        k += 32
-    a0, a1, a2, a3 = warp_sum4(a0, a1, a2, a3, red)
-    if lane == 0:
-        _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
-
-
-@device
 def _dot8(w, x0, x1, x2, x3, x4, x5, x6, x7, off):
     return (_nib(w, off) * x0 + _nib(w >> _S8, off) * x1 + _nib(w >> _S16, off) * x2 + _nib(w >> _S24, off) * x3
             + _nib(w >> _S4, off) * x4 + _nib(w >> _S12, off) * x5 + _nib(w >> _S20, off) * x6
@@ -166,74 +113,359 @@ def _dot8(w, x0, x1, x2, x3, x4, x5, x6, x7, off):
 
 
 @device
-def _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, xs, nwd):
-    """Word column k of rows ra..rd (8 int4 each) against its 8 staged x values, scaled (+ mins)."""
-    x0, x1, x2, x3 = xs[k], xs[nwd + k], xs[2 * nwd + k], xs[3 * nwd + k]
-    x4, x5, x6, x7 = xs[4 * nwd + k], xs[5 * nwd + k], xs[6 * nwd + k], xs[7 * nwd + k]
+def _x4(x, norm_w, has_norm, i):
+    """x[i..i+3] (times the norm weight when there is one) and their sum of squares (unweighted)."""
+    x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+    ss = (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)
+    if has_norm:
+        x0, x1, x2, x3 = x0 * norm_w[i], x1 * norm_w[i + 1], x2 * norm_w[i + 2], x3 * norm_w[i + 3]
+    return x0, x1, x2, x3, ss
+
+
+@device
+def _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, x, norm_w, has_norm):
+    """Word column k of rows ra..rd (4 int8 each) against x[4k..4k+3], scaled; + the x sum of squares."""
+    x0, x1, x2, x3, ss = _x4(x, norm_w, has_norm, k << 2)
+    g = (k << 2) >> gshift
+    return (_dot4(qw[ra, k], x0, x1, x2, x3) * np.float32(scales[ra, g]),
+            _dot4(qw[rb, k], x0, x1, x2, x3) * np.float32(scales[rb, g]),
+            _dot4(qw[rc, k], x0, x1, x2, x3) * np.float32(scales[rc, g]),
+            _dot4(qw[rd, k], x0, x1, x2, x3) * np.float32(scales[rd, g]), ss)
+
+
+@device
+def _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, x, norm_w, has_norm):
+    """Word column k of rows ra..rd (8 int4 each: bytes 4k..4k+3 of a row) against their 8 x values."""
     g = (k << 2) >> hshift
-    s0 = _dot8(qw[ra, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[ra, g])
-    s1 = _dot8(qw[rb, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rb, g])
-    s2 = _dot8(qw[rc, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rc, g])
-    s3 = _dot8(qw[rd, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rd, g])
+    base = (g << (hshift + 1)) + ((k << 2) & ((1 << hshift) - 1))      # group start + byte offset in the group
+    x0, x1, x2, x3, s0 = _x4(x, norm_w, has_norm, base)
+    x4, x5, x6, x7, s1 = _x4(x, norm_w, has_norm, base + (1 << hshift))
+    p0 = _dot8(qw[ra, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[ra, g])
+    p1 = _dot8(qw[rb, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rb, g])
+    p2 = _dot8(qw[rc, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rc, g])
+    p3 = _dot8(qw[rd, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rd, g])
     if has_mins:
         xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        s0 += xsum * np.float32(mins[ra, g])
-        s1 += xsum * np.float32(mins[rb, g])
-        s2 += xsum * np.float32(mins[rc, g])
-        s3 += xsum * np.float32(mins[rd, g])
-    return s0, s1, s2, s3
+        p0 += xsum * np.float32(mins[ra, g])
+        p1 += xsum * np.float32(mins[rb, g])
+        p2 += xsum * np.float32(mins[rc, g])
+        p3 += xsum * np.float32(mins[rd, g])
+    return p0, p1, p2, p3, s0 + s1
+
+
+@cuda.jit(device=True, inline=True)
+def _finish(part, red, a0, a1, a2, a3, ss, n, has_norm, eps, out, res, act, r0, rows):
+    """Reduce the 4 row sums (and sum of squares) over the warp, then over the GEMV_SPLIT warps sharing
+    the rows; the first of them stores (times 1/rms(x) when normalising)."""
+    t = cuda.threadIdx.x
+    w, lane = t >> 5, t & 31
+    a0, a1, a2, a3 = warp_sum4(a0, a1, a2, a3, red)
+    ss = warp_sum4(ss, ss, ss, ss, red)[0]
+    if lane == 0:
+        part[w, 0], part[w, 1], part[w, 2], part[w, 3], part[w, 4] = a0, a1, a2, a3, ss
+    cuda.syncthreads()
+    if lane == 0 and w % GEMV_SPLIT == 0:
+        for s in range(1, GEMV_SPLIT):
+            a0 += part[w + s, 0]
+            a1 += part[w + s, 1]
+            a2 += part[w + s, 2]
+            a3 += part[w + s, 3]
+            ss += part[w + s, 4]
+        if has_norm:
+            inv = np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
+            a0, a1, a2, a3 = a0 * inv, a1 * inv, a2 * inv, a3 * inv
+        _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
 
 
 @cuda.jit(fastmath=True)
-def gemv_int4_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
-    """x (n,) f32; qw (rows, n/8) uint32 (Int4Weight bytes, 4 per word); scales, mins (rows, n >> gshift),
-    mins (0, 0) when symmetric; gshift = log2(group), group a power of two >= 8."""
-    xs = cuda.shared.array(0, F32)
+def gemv_int8_l1_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
+    """(Variant kept for comparison: x read from L1, no staging.)
+    out (rows,) = [rmsnorm](x (n,)) @ W.T [+ res] | act pairs.  qw (rows, n/4) uint32 words; scales
+    (rows, n >> gshift). GEMV_SPLIT warps share 4 rows, each taking every GEMV_SPLIT-th run of 32 words,
+    so x is read straight from global memory (L1), with no staging and no block-wide barrier first."""
+    part = cuda.shared.array(PART, F32)
     red = cuda.shared.array(RED4, F32)
-    part = cuda.shared.array(32, F32)
     t = cuda.threadIdx.x
+    w, lane = t >> 5, t & 31
     n = x.shape[0]
-    nwd = n >> 3
-    group = 1 << gshift
-    hshift = gshift - 1
-    half = group >> 1
-    inv = _norm_scale(x, norm_w, eps, red, part)
-    for i in range(t, n, BLOCK):
-        v = x[i] * inv
-        if norm_w.shape[0] > 0:
-            v *= norm_w[i]
-        j = i & (group - 1)
-        byte = (i >> gshift) * half + (j & (half - 1))
-        xs[((byte & 3) + 4 * (j >> hshift)) * nwd + (byte >> 2)] = v
-    cuda.syncthreads()
-    has_mins = mins.shape[0] > 0
-    off = np.float32(8388608.0) if has_mins else np.float32(8388616.0)
+    nwd = n >> 2
     rows = qw.shape[0]
-    lane = t & 31
-    r0 = cuda.blockIdx.x * GEMV_ROWS + (t >> 5) * 4
+    has_norm = norm_w.shape[0] > 0
+    r0 = cuda.blockIdx.x * GEMV_ROWS + (w // GEMV_SPLIT) * 4
     ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    k = lane
-    while k + 96 < nwd:              # 4 word columns a step, as in the int8 GEMV
-        p0, p1, p2, p3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, xs, nwd)
-        q0, q1, q2, q3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 32, hshift, xs, nwd)
-        u0, u1, u2, u3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 64, hshift, xs, nwd)
-        v0, v1, v2, v3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 96, hshift, xs, nwd)
+    a0 = a1 = a2 = a3 = ss = np.float32(0.0)
+    step = 32 * GEMV_SPLIT
+    k = (w % GEMV_SPLIT) * 32 + lane
+    while k + 3 * step < nwd:        # 4 word columns a step: 16 independent weight loads in flight per lane
+        p0, p1, p2, p3, s0 = _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, x, norm_w, has_norm)
+        q0, q1, q2, q3, s1 = _col_int8(qw, scales, ra, rb, rc, rd, k + step, gshift, x, norm_w, has_norm)
+        u0, u1, u2, u3, s2 = _col_int8(qw, scales, ra, rb, rc, rd, k + 2 * step, gshift, x, norm_w, has_norm)
+        v0, v1, v2, v3, s3 = _col_int8(qw, scales, ra, rb, rc, rd, k + 3 * step, gshift, x, norm_w, has_norm)
         a0 += (p0 + q0) + (u0 + v0)
         a1 += (p1 + q1) + (u1 + v1)
         a2 += (p2 + q2) + (u2 + v2)
         a3 += (p3 + q3) + (u3 + v3)
-        k += 128
+        ss += (s0 + s1) + (s2 + s3)
+        k += 4 * step
     while k < nwd:
-        p0, p1, p2, p3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, xs, nwd)
+        p0, p1, p2, p3, s0 = _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, x, norm_w, has_norm)
         a0 += p0
         a1 += p1
         a2 += p2
         a3 += p3
-        k += 32
+        ss += s0
+        k += step
+    _finish(part, red, a0, a1, a2, a3, ss, n, has_norm, eps, out, res, act, r0, rows)
+
+
+@cuda.jit(fastmath=True)
+def gemv_int4_l1_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
+    """(Variant kept for comparison.) As gemv_int8_l1_kernel for Int4Weight: qw (rows, n/8) uint32 (4 bytes = 8 values a word), scales and
+    mins (rows, n >> gshift), mins (0, 0) when symmetric; gshift = log2(group), group a power of two >= 8."""
+    part = cuda.shared.array(PART, F32)
+    red = cuda.shared.array(RED4, F32)
+    t = cuda.threadIdx.x
+    w, lane = t >> 5, t & 31
+    n = x.shape[0]
+    nwd = n >> 3
+    rows = qw.shape[0]
+    has_norm = norm_w.shape[0] > 0
+    has_mins = mins.shape[0] > 0
+    off = np.float32(8388608.0) if has_mins else np.float32(8388616.0)
+    hshift = gshift - 1
+    r0 = cuda.blockIdx.x * GEMV_ROWS + (w // GEMV_SPLIT) * 4
+    ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
+    a0 = a1 = a2 = a3 = ss = np.float32(0.0)
+    step = 32 * GEMV_SPLIT
+    k = (w % GEMV_SPLIT) * 32 + lane
+    while k + 3 * step < nwd:
+        p0, p1, p2, p3, s0 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, x, norm_w, has_norm)
+        q0, q1, q2, q3, s1 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + step, hshift, x, norm_w,
+                                       has_norm)
+        u0, u1, u2, u3, s2 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 2 * step, hshift, x,
+                                       norm_w, has_norm)
+        v0, v1, v2, v3, s3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 3 * step, hshift, x,
+                                       norm_w, has_norm)
+        a0 += (p0 + q0) + (u0 + v0)
+        a1 += (p1 + q1) + (u1 + v1)
+        a2 += (p2 + q2) + (u2 + v2)
+        a3 += (p3 + q3) + (u3 + v3)
+        ss += (s0 + s1) + (s2 + s3)
+        k += 4 * step
+    while k < nwd:
+        p0, p1, p2, p3, s0 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, x, norm_w, has_norm)
+        a0 += p0
+        a1 += p1
+        a2 += p2
+        a3 += p3
+        ss += s0
+        k += step
+    _finish(part, red, a0, a1, a2, a3, ss, n, has_norm, eps, out, res, act, r0, rows)
+
+
+_M19 = U32(0x00780000)            # a nibble moved to mantissa bits 19..22 ...
+_ONE = U32(0x3F800000)            # ... of 1.0: the float 1 + q / 16, exactly
+_S1, _S3, _S5, _S7, _S9, _S11, _S15, _S19 = (U32(s) for s in (1, 3, 5, 7, 9, 11, 15, 19))
+
+
+@device
+def _u(v):
+    """1 + q / 16 for the nibble q already shifted to bits 19..22 of v."""
+    return bits_to_f32((v & _M19) | _ONE)
+
+
+@device
+def _dot8u(w, x0, x1, x2, x3, x4, x5, x6, x7):
+    """sum (1 + q_c / 16) x_c over the 8 nibbles of w (low nibbles of bytes 0..3 -> x0..x3, high -> x4..x7):
+    a shift, a logic op and an FMA per value (no int-to-float conversion, no subtraction)."""
+    return (_u(w << _S19) * x0 + _u(w << _S11) * x1 + _u(w << _S3) * x2 + _u(w >> _S5) * x3
+            + _u(w << _S15) * x4 + _u(w << _S7) * x5 + _u(w >> _S1) * x6 + _u(w >> _S9) * x7)
+
+
+@device
+def _dot4s(w, x0, x1, x2, x3):
+    return _i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3
+
+
+@device
+def _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw):
+    """Int8 word column k of 4 rows against its staged x values (scaled unless per_row)."""
+    x0, x1, x2, x3 = xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k]
+    d0, d1 = _dot4s(qa[k], x0, x1, x2, x3), _dot4s(qb[k], x0, x1, x2, x3)
+    d2, d3 = _dot4s(qc[k], x0, x1, x2, x3), _dot4s(qd[k], x0, x1, x2, x3)
+    if per_row:
+        return d0, d1, d2, d3
+    g = (k << U32(2)) >> gs
+    return d0 * np.float32(sa[g]), d1 * np.float32(sb[g]), d2 * np.float32(sc[g]), d3 * np.float32(sd[g])
+
+
+@device
+def _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw):
+    """Int4 word column k of 4 rows: sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x, times the scale
+    (with mins: 16 s (d - sum x) + m sum x)."""
+    x0, x1, x2, x3 = xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k]
+    x4, x5, x6, x7 = xs[U32(4) * nw + k], xs[U32(5) * nw + k], xs[U32(6) * nw + k], xs[U32(7) * nw + k]
+    xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    g = (k << U32(2)) >> hs
+    d0 = _dot8u(qa[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    d1 = _dot8u(qb[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    d2 = _dot8u(qc[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    d3 = _dot8u(qd[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    c16 = np.float32(16.0)
+    if has_mins:
+        return (c16 * np.float32(sa[g]) * (d0 - xsum) + np.float32(mins[ra, g]) * xsum,
+                c16 * np.float32(sb[g]) * (d1 - xsum) + np.float32(mins[rb, g]) * xsum,
+                c16 * np.float32(sc[g]) * (d2 - xsum) + np.float32(mins[rc, g]) * xsum,
+                c16 * np.float32(sd[g]) * (d3 - xsum) + np.float32(mins[rd, g]) * xsum)
+    c24 = np.float32(-24.0) * xsum
+    return (np.float32(sa[g]) * (c16 * d0 + c24), np.float32(sb[g]) * (c16 * d1 + c24),
+            np.float32(sc[g]) * (c16 * d2 + c24), np.float32(sd[g]) * (c16 * d3 + c24))
+
+
+@cuda.jit(device=True, inline=True)
+def _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows):
+    """Warp sums of the 4 rows, then the GEMV_SPLIT warps sharing them; the first stores."""
+    t = cuda.threadIdx.x
+    w, lane = t >> 5, t & 31
     a0, a1, a2, a3 = warp_sum4(a0, a1, a2, a3, red)
     if lane == 0:
+        part[w, 0], part[w, 1], part[w, 2], part[w, 3] = a0, a1, a2, a3
+    cuda.syncthreads()
+    if lane == 0 and w % GEMV_SPLIT == 0:
+        for s in range(1, GEMV_SPLIT):
+            a0 += part[w + s, 0]
+            a1 += part[w + s, 1]
+            a2 += part[w + s, 2]
+            a3 += part[w + s, 3]
         _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
+
+
+def _make_gemv_int8(per_row):
+    @cuda.jit(fastmath=True)
+    def gemv_int8_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
+        """out (rows,) = [rmsnorm](x (n,)) @ W.T [+ res] | act on (gate, up) row pairs, for Int8Weight:
+        qw (rows, n/4) uint32 words, scales (rows, n >> gshift) (gshift PER_ROW: one per row).
+        x is normalised and staged once per block in shared memory, permuted so that word column k
+        finds its 4 values at k + c * n/4 (conflict-free). GEMV_SPLIT warps share 4 rows, each taking
+        every GEMV_SPLIT-th run of 32 words (more warps in flight); 4 columns are loaded per step.
+        Row views and unsigned indices keep the index arithmetic out of the inner loop."""
+        xs = cuda.shared.array(0, F32)
+        red = cuda.shared.array(RED4, F32)
+        part = cuda.shared.array(PART, F32)
+        t = cuda.threadIdx.x
+        n = x.shape[0]
+        nwd = n >> 2
+        inv = _norm_scale(x, norm_w, eps, red, part[0])
+        for i in range(t, n, BLOCK):
+            v = x[i] * inv
+            if norm_w.shape[0] > 0:
+                v *= norm_w[i]
+            xs[(i & 3) * nwd + (i >> 2)] = v
+        cuda.syncthreads()
+        rows = qw.shape[0]
+        w, lane = t >> 5, t & 31
+        r0 = cuda.blockIdx.x * GEMV_ROWS + (w // GEMV_SPLIT) * 4
+        qa, qb, qc, qd = qw[min(r0, rows - 1)], qw[min(r0 + 1, rows - 1)], qw[min(r0 + 2, rows - 1)], qw[min(r0 + 3, rows - 1)]
+        sa, sb, sc, sd = (scales[min(r0, rows - 1)], scales[min(r0 + 1, rows - 1)], scales[min(r0 + 2, rows - 1)],
+                          scales[min(r0 + 3, rows - 1)])
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        nw = U32(nwd)
+        step = U32(32 * GEMV_SPLIT)
+        k = U32((w % GEMV_SPLIT) * 32 + lane)
+        gs = U32(0 if per_row else gshift)
+        while k + U32(3) * step < nw:         # 4 word columns a step: 16 weight loads in flight per lane
+            p0, p1, p2, p3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw)
+            q0, q1, q2, q3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k + step, gs, per_row, xs, nw)
+            u0, u1, u2, u3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k + U32(2) * step, gs, per_row, xs, nw)
+            v0, v1, v2, v3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k + U32(3) * step, gs, per_row, xs, nw)
+            a0 += (p0 + q0) + (u0 + v0)
+            a1 += (p1 + q1) + (u1 + v1)
+            a2 += (p2 + q2) + (u2 + v2)
+            a3 += (p3 + q3) + (u3 + v3)
+            k += U32(4) * step
+        while k < nw:
+            p0, p1, p2, p3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw)
+            a0 += p0
+            a1 += p1
+            a2 += p2
+            a3 += p3
+            k += step
+        if per_row:
+            a0 *= np.float32(sa[0])
+            a1 *= np.float32(sb[0])
+            a2 *= np.float32(sc[0])
+            a3 *= np.float32(sd[0])
+        _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows)
+    return gemv_int8_kernel
+
+
+# per_row: one scale per row, applied once at the end (a compile-time constant: no branch in the loop)
+GEMV_INT8 = {pr: _make_gemv_int8(pr) for pr in (False, True)}
+gemv_int8_kernel = GEMV_INT8[False]
+
+
+def _make_gemv_int4(has_mins):
+    @cuda.jit(fastmath=True)
+    def gemv_int4_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
+        """As gemv_int8_kernel for Int4Weight: qw (rows, n/8) uint32 (bytes 4k..4k+3 of a row, 8 values),
+        scales / mins (rows, n >> gshift), mins (0, 0) when symmetric; gshift = log2(group), group a power
+        of two >= 8. Each nibble becomes the float 1 + q/16 by bit operations; per word column
+        sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x (sum x shared by the 4 rows)."""
+        xs = cuda.shared.array(0, F32)
+        red = cuda.shared.array(RED4, F32)
+        part = cuda.shared.array(PART, F32)
+        t = cuda.threadIdx.x
+        n = x.shape[0]
+        nwd = n >> 3
+        group = 1 << gshift
+        hshift = gshift - 1
+        half = group >> 1
+        inv = _norm_scale(x, norm_w, eps, red, part[0])
+        for i in range(t, n, BLOCK):
+            v = x[i] * inv
+            if norm_w.shape[0] > 0:
+                v *= norm_w[i]
+            j = i & (group - 1)
+            byte = (i >> gshift) * half + (j & (half - 1))
+            xs[((byte & 3) + 4 * (j >> hshift)) * nwd + (byte >> 2)] = v
+        cuda.syncthreads()
+        rows = qw.shape[0]
+        w, lane = t >> 5, t & 31
+        r0 = cuda.blockIdx.x * GEMV_ROWS + (w // GEMV_SPLIT) * 4
+        ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
+        qa, qb, qc, qd = qw[ra], qw[rb], qw[rc], qw[rd]
+        sa, sb, sc, sd = scales[ra], scales[rb], scales[rc], scales[rd]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        nw = U32(nwd)
+        step = U32(32 * GEMV_SPLIT)
+        hs = U32(hshift)
+        k = U32((w % GEMV_SPLIT) * 32 + lane)
+        while k + U32(3) * step < nw:
+            p0, p1, p2, p3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
+            q0, q1, q2, q3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k + step, hs,
+                                    xs, nw)
+            u0, u1, u2, u3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd,
+                                    k + U32(2) * step, hs, xs, nw)
+            v0, v1, v2, v3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd,
+                                    k + U32(3) * step, hs, xs, nw)
+            a0 += (p0 + q0) + (u0 + v0)
+            a1 += (p1 + q1) + (u1 + v1)
+            a2 += (p2 + q2) + (u2 + v2)
+            a3 += (p3 + q3) + (u3 + v3)
+            k += U32(4) * step
+        while k < nw:
+            p0, p1, p2, p3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
+            a0 += p0
+            a1 += p1
+            a2 += p2
+            a3 += p3
+            k += step
+        _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows)
+    return gemv_int4_kernel
+
+
+GEMV_INT4 = {m: _make_gemv_int4(m) for m in (False, True)}       # has_mins, a compile-time constant
+gemv_int4_kernel = GEMV_INT4[False]
 
 
 # ------------------------------------------------------------------ element loaders (GEMM, embed, dense GEMV)
@@ -295,7 +527,7 @@ def _make_gemv_dense(elem):
         cuda.syncthreads()
         rows = a.shape[0]
         lane = t & 31
-        r0 = cuda.blockIdx.x * GEMV_ROWS + (t >> 5) * 4
+        r0 = cuda.blockIdx.x * DENSE_ROWS + (t >> 5) * 4
         ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for k in range(lane, n, 32):
@@ -403,13 +635,14 @@ def dummy(ndim: int = 1):
 
 def gemv_fits(kind: str, n: int, group: int) -> bool:
     """Whether the one-token GEMV kernel takes this shape (else the tiled GEMM does)."""
-    if n > MAX_SMEM_X:
-        return False
     if kind == "int8":
         return n % 4 == 0 and (group == n or (log2_exact(group) >= 2 and n % group == 0))
     if kind == "int4":
         return log2_exact(group) >= 3 and n % group == 0
-    return True
+    return n <= MAX_SMEM_X                 # dense GEMVs stage x in shared memory
+
+
+GEMV_VARIANT = "smem"             # int8/int4 GEMV: "smem" (x staged) or "l1" (x read through L1; any size)
 
 
 def launch_gemv(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act=ACT_NONE, stream=0):
@@ -420,15 +653,16 @@ def launch_gemv(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act
     grid = blocks(rows, GEMV_ROWS)
     nw = dummy() if norm_w is None else norm_w
     rs = dummy() if res is None else res
-    smem = 4 * n
+    staged = GEMV_VARIANT == "smem" and n <= MAX_SMEM_X
+    smem = 4 * n if staged else 0
     if kind == "int8":
         gs = PER_ROW if group == n else log2_exact(group)
-        go(gemv_int8_kernel, grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], gs, rs, act, out))
+        go(GEMV_INT8[gs == PER_ROW] if staged else gemv_int8_l1_kernel, grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], gs, rs, act, out))
     elif kind == "int4":
-        go(gemv_int4_kernel, grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], fields[2],
+        go(GEMV_INT4[fields[2].shape[0] > 0] if staged else gemv_int4_l1_kernel, grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], fields[2],
                                                           log2_exact(group), rs, act, out))
     else:
-        go(GEMV_DENSE[kind], grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], rs, act, out))
+        go(GEMV_DENSE[kind], blocks(rows, DENSE_ROWS), BLOCK, stream, 4 * n, (x, nw, np.float32(eps), fields[0], rs, act, out))
 
 
 def launch_gemm(kind, x, a, b, c, group, out, bias=None, res=None, stream=0):
