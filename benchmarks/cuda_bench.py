@@ -190,17 +190,17 @@ def main():
     res["copy_GBps"] = copy_bandwidth(cuda) / 1e9
     print(f"device-to-device copy: {res['copy_GBps']:.0f} GB/s (read + write)", flush=True)
     res["gemv"] = []
-    default = ops._lin.GEMV_VARIANT
-    for variant in (default, "l1" if default != "l1" else "smem"):
-        ops._lin.GEMV_VARIANT = variant
+    default = ops._lin.GEMV_SPLIT
+    for variant in (default,) + tuple(sp for sp in ops._lin.SPLITS if sp != default):
+        ops._lin.GEMV_SPLIT = variant
         for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
             g = gemv_bandwidth(cuda, ops, kind, group=group)
             g["of_copy"] = g["GBps"] / res["copy_GBps"]
             g["variant"] = variant
             res["gemv"].append(g)
-            print(f"GEMV {kind} 8192x8192 group {g['group']} ({variant}): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = "
+            print(f"GEMV {kind} 8192x8192 group {g['group']} (split {variant}): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = "
                   f"{100 * g['of_copy']:.0f}% of copy; rel err vs CPU {g['rel_err_vs_cpu']:.1e}", flush=True)
-    ops._lin.GEMV_VARIANT = default
+    ops._lin.GEMV_SPLIT = default
     res["decode"] = []
     for kind in a.kinds.split(","):
         d = edgerun_decode(cuda, ops, kind, a.prompt, a.tokens)

@@ -27,8 +27,7 @@ from numba import cuda
 from ._launch import go
 from ._common import BLOCK, F32, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_sum4
 
-GEMV_SPLIT = min(4, BLOCK // 32)  # int8/int4 GEMV: warps sharing 4 rows, splitting the inputs between them
-GEMV_ROWS = BLOCK // 32 // GEMV_SPLIT * 4    # output rows per int8/int4 GEMV block (8 on a GPU)
+GEMV_SPLIT = min(2, BLOCK // 32)  # int8/int4 GEMV: warps sharing 4 rows, splitting the inputs between them
 DENSE_ROWS = BLOCK // 32 * 4      # output rows per dense GEMV block: 4 per warp
 RED4 = 4 * BLOCK                  # shared scratch of warp_sum4 (a compile-time constant)
 PART = (BLOCK // 32, 32)          # per-warp partial sums (4 rows + sum of squares); row 0 doubles as block_sum's
@@ -112,157 +111,6 @@ def _dot8(w, x0, x1, x2, x3, x4, x5, x6, x7, off):
             + _nib(w >> _S28, off) * x7)
 
 
-@device
-def _x4(x, norm_w, has_norm, i):
-    """x[i..i+3] (times the norm weight when there is one) and their sum of squares (unweighted)."""
-    x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-    ss = (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)
-    if has_norm:
-        x0, x1, x2, x3 = x0 * norm_w[i], x1 * norm_w[i + 1], x2 * norm_w[i + 2], x3 * norm_w[i + 3]
-    return x0, x1, x2, x3, ss
-
-
-@device
-def _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, x, norm_w, has_norm):
-    """Word column k of rows ra..rd (4 int8 each) against x[4k..4k+3], scaled; + the x sum of squares."""
-    x0, x1, x2, x3, ss = _x4(x, norm_w, has_norm, k << 2)
-    g = (k << 2) >> gshift
-    return (_dot4(qw[ra, k], x0, x1, x2, x3) * np.float32(scales[ra, g]),
-            _dot4(qw[rb, k], x0, x1, x2, x3) * np.float32(scales[rb, g]),
-            _dot4(qw[rc, k], x0, x1, x2, x3) * np.float32(scales[rc, g]),
-            _dot4(qw[rd, k], x0, x1, x2, x3) * np.float32(scales[rd, g]), ss)
-
-
-@device
-def _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, x, norm_w, has_norm):
-    """Word column k of rows ra..rd (8 int4 each: bytes 4k..4k+3 of a row) against their 8 x values."""
-    g = (k << 2) >> hshift
-    base = (g << (hshift + 1)) + ((k << 2) & ((1 << hshift) - 1))      # group start + byte offset in the group
-    x0, x1, x2, x3, s0 = _x4(x, norm_w, has_norm, base)
-    x4, x5, x6, x7, s1 = _x4(x, norm_w, has_norm, base + (1 << hshift))
-    p0 = _dot8(qw[ra, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[ra, g])
-    p1 = _dot8(qw[rb, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rb, g])
-    p2 = _dot8(qw[rc, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rc, g])
-    p3 = _dot8(qw[rd, k], x0, x1, x2, x3, x4, x5, x6, x7, off) * np.float32(scales[rd, g])
-    if has_mins:
-        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        p0 += xsum * np.float32(mins[ra, g])
-        p1 += xsum * np.float32(mins[rb, g])
-        p2 += xsum * np.float32(mins[rc, g])
-        p3 += xsum * np.float32(mins[rd, g])
-    return p0, p1, p2, p3, s0 + s1
-
-
-@cuda.jit(device=True, inline=True)
-def _finish(part, red, a0, a1, a2, a3, ss, n, has_norm, eps, out, res, act, r0, rows):
-    """Reduce the 4 row sums (and sum of squares) over the warp, then over the GEMV_SPLIT warps sharing
-    the rows; the first of them stores (times 1/rms(x) when normalising)."""
-    t = cuda.threadIdx.x
-    w, lane = t >> 5, t & 31
-    a0, a1, a2, a3 = warp_sum4(a0, a1, a2, a3, red)
-    ss = warp_sum4(ss, ss, ss, ss, red)[0]
-    if lane == 0:
-        part[w, 0], part[w, 1], part[w, 2], part[w, 3], part[w, 4] = a0, a1, a2, a3, ss
-    cuda.syncthreads()
-    if lane == 0 and w % GEMV_SPLIT == 0:
-        for s in range(1, GEMV_SPLIT):
-            a0 += part[w + s, 0]
-            a1 += part[w + s, 1]
-            a2 += part[w + s, 2]
-            a3 += part[w + s, 3]
-            ss += part[w + s, 4]
-        if has_norm:
-            inv = np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
-            a0, a1, a2, a3 = a0 * inv, a1 * inv, a2 * inv, a3 * inv
-        _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
-
-
-@cuda.jit(fastmath=True)
-def gemv_int8_l1_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
-    """(Variant kept for comparison: x read from L1, no staging.)
-    out (rows,) = [rmsnorm](x (n,)) @ W.T [+ res] | act pairs.  qw (rows, n/4) uint32 words; scales
-    (rows, n >> gshift). GEMV_SPLIT warps share 4 rows, each taking every GEMV_SPLIT-th run of 32 words,
-    so x is read straight from global memory (L1), with no staging and no block-wide barrier first."""
-    part = cuda.shared.array(PART, F32)
-    red = cuda.shared.array(RED4, F32)
-    t = cuda.threadIdx.x
-    w, lane = t >> 5, t & 31
-    n = x.shape[0]
-    nwd = n >> 2
-    rows = qw.shape[0]
-    has_norm = norm_w.shape[0] > 0
-    r0 = cuda.blockIdx.x * GEMV_ROWS + (w // GEMV_SPLIT) * 4
-    ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
-    a0 = a1 = a2 = a3 = ss = np.float32(0.0)
-    step = 32 * GEMV_SPLIT
-    k = (w % GEMV_SPLIT) * 32 + lane
-    while k + 3 * step < nwd:        # 4 word columns a step: 16 independent weight loads in flight per lane
-        p0, p1, p2, p3, s0 = _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, x, norm_w, has_norm)
-        q0, q1, q2, q3, s1 = _col_int8(qw, scales, ra, rb, rc, rd, k + step, gshift, x, norm_w, has_norm)
-        u0, u1, u2, u3, s2 = _col_int8(qw, scales, ra, rb, rc, rd, k + 2 * step, gshift, x, norm_w, has_norm)
-        v0, v1, v2, v3, s3 = _col_int8(qw, scales, ra, rb, rc, rd, k + 3 * step, gshift, x, norm_w, has_norm)
-        a0 += (p0 + q0) + (u0 + v0)
-        a1 += (p1 + q1) + (u1 + v1)
-        a2 += (p2 + q2) + (u2 + v2)
-        a3 += (p3 + q3) + (u3 + v3)
-        ss += (s0 + s1) + (s2 + s3)
-        k += 4 * step
-    while k < nwd:
-        p0, p1, p2, p3, s0 = _col_int8(qw, scales, ra, rb, rc, rd, k, gshift, x, norm_w, has_norm)
-        a0 += p0
-        a1 += p1
-        a2 += p2
-        a3 += p3
-        ss += s0
-        k += step
-    _finish(part, red, a0, a1, a2, a3, ss, n, has_norm, eps, out, res, act, r0, rows)
-
-
-@cuda.jit(fastmath=True)
-def gemv_int4_l1_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
-    """(Variant kept for comparison.) As gemv_int8_l1_kernel for Int4Weight: qw (rows, n/8) uint32 (4 bytes = 8 values a word), scales and
-    mins (rows, n >> gshift), mins (0, 0) when symmetric; gshift = log2(group), group a power of two >= 8."""
-    part = cuda.shared.array(PART, F32)
-    red = cuda.shared.array(RED4, F32)
-    t = cuda.threadIdx.x
-    w, lane = t >> 5, t & 31
-    n = x.shape[0]
-    nwd = n >> 3
-    rows = qw.shape[0]
-    has_norm = norm_w.shape[0] > 0
-    has_mins = mins.shape[0] > 0
-    off = np.float32(8388608.0) if has_mins else np.float32(8388616.0)
-    hshift = gshift - 1
-    r0 = cuda.blockIdx.x * GEMV_ROWS + (w // GEMV_SPLIT) * 4
-    ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
-    a0 = a1 = a2 = a3 = ss = np.float32(0.0)
-    step = 32 * GEMV_SPLIT
-    k = (w % GEMV_SPLIT) * 32 + lane
-    while k + 3 * step < nwd:
-        p0, p1, p2, p3, s0 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, x, norm_w, has_norm)
-        q0, q1, q2, q3, s1 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + step, hshift, x, norm_w,
-                                       has_norm)
-        u0, u1, u2, u3, s2 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 2 * step, hshift, x,
-                                       norm_w, has_norm)
-        v0, v1, v2, v3, s3 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k + 3 * step, hshift, x,
-                                       norm_w, has_norm)
-        a0 += (p0 + q0) + (u0 + v0)
-        a1 += (p1 + q1) + (u1 + v1)
-        a2 += (p2 + q2) + (u2 + v2)
-        a3 += (p3 + q3) + (u3 + v3)
-        ss += (s0 + s1) + (s2 + s3)
-        k += 4 * step
-    while k < nwd:
-        p0, p1, p2, p3, s0 = _col_int4(qw, scales, mins, has_mins, off, ra, rb, rc, rd, k, hshift, x, norm_w, has_norm)
-        a0 += p0
-        a1 += p1
-        a2 += p2
-        a3 += p3
-        ss += s0
-        k += step
-    _finish(part, red, a0, a1, a2, a3, ss, n, has_norm, eps, out, res, act, r0, rows)
-
-
 _M19 = U32(0x00780000)            # a nibble moved to mantissa bits 19..22 ...
 _ONE = U32(0x3F800000)            # ... of 1.0: the float 1 + q / 16, exactly
 _S1, _S3, _S5, _S7, _S9, _S11, _S15, _S19 = (U32(s) for s in (1, 3, 5, 7, 9, 11, 15, 19))
@@ -322,17 +170,74 @@ def _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs
             np.float32(sc[g]) * (c16 * d2 + c24), np.float32(sd[g]) * (c16 * d3 + c24))
 
 
+@device
+def _slot8(i, nwd, gshift, hshift, group, half):
+    """Where x[i] goes in the int8 GEMV's shared copy: value c of word k at c * n/4 + k."""
+    return (i & 3) * nwd + (i >> 2)
+
+
+@device
+def _slot4(i, nwd, gshift, hshift, group, half):
+    """Where x[i] goes for the int4 GEMV: low nibbles of bytes 4k+c at c * n/8 + k, high ones at (4 + c) * n/8 + k."""
+    j = i & (group - 1)
+    byte = (i >> gshift) * half + (j & (half - 1))
+    return ((byte & 3) + 4 * (j >> hshift)) * nwd + (byte >> 2)
+
+
+def _make_stage(slot):
+    @cuda.jit(device=True, inline=True)
+    def stage(x, norm_w, eps, red, part, xs, nwd, gshift):
+        """x (normalised when norm_w is given) into shared memory at slot(i); 8 loads in flight per
+        thread (a plain loop waited out one L2 round trip per element: microseconds per block)."""
+        t = cuda.threadIdx.x
+        n = x.shape[0]
+        has_norm = norm_w.shape[0] > 0
+        inv = np.float32(1.0)
+        if has_norm:                      # uniform: every thread reaches block_sum
+            ss = np.float32(0.0)
+            for i in range(t, n, 8 * BLOCK):
+                for j in range(8):
+                    if i + j * BLOCK < n:
+                        v = x[i + j * BLOCK]
+                        ss += v * v
+            ss = block_sum(ss, red, part)
+            inv = np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
+        group = 1 << gshift
+        hshift = gshift - 1
+        half = group >> 1
+        for i in range(t, n, 8 * BLOCK):
+            v0 = x[i]
+            v1 = x[i + BLOCK] if i + BLOCK < n else np.float32(0.0)
+            v2 = x[i + 2 * BLOCK] if i + 2 * BLOCK < n else np.float32(0.0)
+            v3 = x[i + 3 * BLOCK] if i + 3 * BLOCK < n else np.float32(0.0)
+            v4 = x[i + 4 * BLOCK] if i + 4 * BLOCK < n else np.float32(0.0)
+            v5 = x[i + 5 * BLOCK] if i + 5 * BLOCK < n else np.float32(0.0)
+            v6 = x[i + 6 * BLOCK] if i + 6 * BLOCK < n else np.float32(0.0)
+            v7 = x[i + 7 * BLOCK] if i + 7 * BLOCK < n else np.float32(0.0)
+            for j, v in enumerate((v0, v1, v2, v3, v4, v5, v6, v7)):
+                ii = i + j * BLOCK
+                if ii < n:
+                    if has_norm:
+                        v = v * inv * norm_w[ii]
+                    xs[slot(ii, nwd, gshift, hshift, group, half)] = v
+        cuda.syncthreads()
+    return stage
+
+
+_stage8, _stage4 = _make_stage(_slot8), _make_stage(_slot4)
+
+
 @cuda.jit(device=True, inline=True)
-def _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows):
-    """Warp sums of the 4 rows, then the GEMV_SPLIT warps sharing them; the first stores."""
+def _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows, split):
+    """Warp sums of the 4 rows, then the split warps sharing them; the first stores."""
     t = cuda.threadIdx.x
     w, lane = t >> 5, t & 31
     a0, a1, a2, a3 = warp_sum4(a0, a1, a2, a3, red)
     if lane == 0:
         part[w, 0], part[w, 1], part[w, 2], part[w, 3] = a0, a1, a2, a3
     cuda.syncthreads()
-    if lane == 0 and w % GEMV_SPLIT == 0:
-        for s in range(1, GEMV_SPLIT):
+    if lane == 0 and w % split == 0:
+        for s in range(1, split):
             a0 += part[w + s, 0]
             a1 += part[w + s, 1]
             a2 += part[w + s, 2]
@@ -340,7 +245,9 @@ def _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows):
         _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
 
 
-def _make_gemv_int8(per_row):
+def _make_gemv_int8(per_row, split):
+    rows_per_block = BLOCK // 32 // split * 4
+
     @cuda.jit(fastmath=True)
     def gemv_int8_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
         """out (rows,) = [rmsnorm](x (n,)) @ W.T [+ res] | act on (gate, up) row pairs, for Int8Weight:
@@ -355,23 +262,17 @@ def _make_gemv_int8(per_row):
         t = cuda.threadIdx.x
         n = x.shape[0]
         nwd = n >> 2
-        inv = _norm_scale(x, norm_w, eps, red, part[0])
-        for i in range(t, n, BLOCK):
-            v = x[i] * inv
-            if norm_w.shape[0] > 0:
-                v *= norm_w[i]
-            xs[(i & 3) * nwd + (i >> 2)] = v
-        cuda.syncthreads()
+        _stage8(x, norm_w, eps, red, part[0], xs, nwd, gshift if gshift != PER_ROW else 2)
         rows = qw.shape[0]
         w, lane = t >> 5, t & 31
-        r0 = cuda.blockIdx.x * GEMV_ROWS + (w // GEMV_SPLIT) * 4
+        r0 = cuda.blockIdx.x * rows_per_block + (w // split) * 4
         qa, qb, qc, qd = qw[min(r0, rows - 1)], qw[min(r0 + 1, rows - 1)], qw[min(r0 + 2, rows - 1)], qw[min(r0 + 3, rows - 1)]
         sa, sb, sc, sd = (scales[min(r0, rows - 1)], scales[min(r0 + 1, rows - 1)], scales[min(r0 + 2, rows - 1)],
                           scales[min(r0 + 3, rows - 1)])
         a0 = a1 = a2 = a3 = np.float32(0.0)
         nw = U32(nwd)
-        step = U32(32 * GEMV_SPLIT)
-        k = U32((w % GEMV_SPLIT) * 32 + lane)
+        step = U32(32 * split)
+        k = U32((w % split) * 32 + lane)
         gs = U32(0 if per_row else gshift)
         while k + U32(3) * step < nw:         # 4 word columns a step: 16 weight loads in flight per lane
             p0, p1, p2, p3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw)
@@ -395,16 +296,19 @@ def _make_gemv_int8(per_row):
             a1 *= np.float32(sb[0])
             a2 *= np.float32(sc[0])
             a3 *= np.float32(sd[0])
-        _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows)
+        _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows, split)
     return gemv_int8_kernel
 
 
 # per_row: one scale per row, applied once at the end (a compile-time constant: no branch in the loop)
-GEMV_INT8 = {pr: _make_gemv_int8(pr) for pr in (False, True)}
-gemv_int8_kernel = GEMV_INT8[False]
+SPLITS = tuple(sp for sp in (1, 2, 4) if sp <= BLOCK // 32)
+GEMV_INT8 = {(pr, sp): _make_gemv_int8(pr, sp) for pr in (False, True) for sp in SPLITS}
+gemv_int8_kernel = GEMV_INT8[False, GEMV_SPLIT]
 
 
-def _make_gemv_int4(has_mins):
+def _make_gemv_int4(has_mins, split):
+    rows_per_block = BLOCK // 32 // split * 4
+
     @cuda.jit(fastmath=True)
     def gemv_int4_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
         """As gemv_int8_kernel for Int4Weight: qw (rows, n/8) uint32 (bytes 4k..4k+3 of a row, 8 values),
@@ -420,26 +324,18 @@ def _make_gemv_int4(has_mins):
         group = 1 << gshift
         hshift = gshift - 1
         half = group >> 1
-        inv = _norm_scale(x, norm_w, eps, red, part[0])
-        for i in range(t, n, BLOCK):
-            v = x[i] * inv
-            if norm_w.shape[0] > 0:
-                v *= norm_w[i]
-            j = i & (group - 1)
-            byte = (i >> gshift) * half + (j & (half - 1))
-            xs[((byte & 3) + 4 * (j >> hshift)) * nwd + (byte >> 2)] = v
-        cuda.syncthreads()
+        _stage4(x, norm_w, eps, red, part[0], xs, nwd, gshift)
         rows = qw.shape[0]
         w, lane = t >> 5, t & 31
-        r0 = cuda.blockIdx.x * GEMV_ROWS + (w // GEMV_SPLIT) * 4
+        r0 = cuda.blockIdx.x * rows_per_block + (w // split) * 4
         ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
         qa, qb, qc, qd = qw[ra], qw[rb], qw[rc], qw[rd]
         sa, sb, sc, sd = scales[ra], scales[rb], scales[rc], scales[rd]
         a0 = a1 = a2 = a3 = np.float32(0.0)
         nw = U32(nwd)
-        step = U32(32 * GEMV_SPLIT)
+        step = U32(32 * split)
         hs = U32(hshift)
-        k = U32((w % GEMV_SPLIT) * 32 + lane)
+        k = U32((w % split) * 32 + lane)
         while k + U32(3) * step < nw:
             p0, p1, p2, p3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
             q0, q1, q2, q3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k + step, hs,
@@ -460,12 +356,12 @@ def _make_gemv_int4(has_mins):
             a2 += p2
             a3 += p3
             k += step
-        _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows)
+        _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows, split)
     return gemv_int4_kernel
 
 
-GEMV_INT4 = {m: _make_gemv_int4(m) for m in (False, True)}       # has_mins, a compile-time constant
-gemv_int4_kernel = GEMV_INT4[False]
+GEMV_INT4 = {(m, sp): _make_gemv_int4(m, sp) for m in (False, True) for sp in SPLITS}   # has_mins: constant
+gemv_int4_kernel = GEMV_INT4[False, GEMV_SPLIT]
 
 
 # ------------------------------------------------------------------ element loaders (GEMM, embed, dense GEMV)
@@ -635,14 +531,13 @@ def dummy(ndim: int = 1):
 
 def gemv_fits(kind: str, n: int, group: int) -> bool:
     """Whether the one-token GEMV kernel takes this shape (else the tiled GEMM does)."""
+    if n > MAX_SMEM_X:                     # the GEMVs stage x in shared memory
+        return False
     if kind == "int8":
         return n % 4 == 0 and (group == n or (log2_exact(group) >= 2 and n % group == 0))
     if kind == "int4":
         return log2_exact(group) >= 3 and n % group == 0
-    return n <= MAX_SMEM_X                 # dense GEMVs stage x in shared memory
-
-
-GEMV_VARIANT = "smem"             # int8/int4 GEMV: "smem" (x staged) or "l1" (x read through L1; any size)
+    return True
 
 
 def launch_gemv(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act=ACT_NONE, stream=0):
@@ -650,16 +545,16 @@ def launch_gemv(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act
     fields: int8 (words, scales); int4 (words, scales, mins); dense (w,)."""
     n = x.shape[0]
     rows = fields[0].shape[0]
-    grid = blocks(rows, GEMV_ROWS)
+    split = GEMV_SPLIT
+    grid = blocks(rows, BLOCK // 32 // split * 4)
     nw = dummy() if norm_w is None else norm_w
     rs = dummy() if res is None else res
-    staged = GEMV_VARIANT == "smem" and n <= MAX_SMEM_X
-    smem = 4 * n if staged else 0
+    smem = 4 * n
     if kind == "int8":
         gs = PER_ROW if group == n else log2_exact(group)
-        go(GEMV_INT8[gs == PER_ROW] if staged else gemv_int8_l1_kernel, grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], gs, rs, act, out))
+        go(GEMV_INT8[gs == PER_ROW, split], grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], gs, rs, act, out))
     elif kind == "int4":
-        go(GEMV_INT4[fields[2].shape[0] > 0] if staged else gemv_int4_l1_kernel, grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], fields[2],
+        go(GEMV_INT4[fields[2].shape[0] > 0, split], grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], fields[2],
                                                           log2_exact(group), rs, act, out))
     else:
         go(GEMV_DENSE[kind], blocks(rows, DENSE_ROWS), BLOCK, stream, 4 * n, (x, nw, np.float32(eps), fields[0], rs, act, out))
