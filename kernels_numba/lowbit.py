@@ -104,6 +104,23 @@ def _idot(a, b, n):
     return acc
 
 
+# ------------------------------------------------------------------ ternary, 2 bits
+
+@njit(inline="always")
+def _to_planes(xrow, planes):
+    """Activations in the order the codes are read: planes[i, b*32 + j] = xrow[b*P*32 + i*32 + j],
+    P = planes.shape[0] codes a byte. The dot is then one long loop over a row's bytes (vector
+    accumulators, one reduction at the end) instead of a reduction per 32-byte block."""
+    P = planes.shape[0]
+    for b in range(planes.shape[1] // KB):
+        xb = xrow[b * P * KB:(b + 1) * P * KB]
+        for i in range(P):
+            pl = planes[i, b * KB:(b + 1) * KB]
+            xi = xb[i * KB:(i + 1) * KB]
+            for j in range(KB):
+                pl[j] = xi[j]
+
+
 # ------------------------------------------------------------------ explicit SIMD row dots
 # LLVM vectorises a Numba loop over the codes (acc += (c & 3) * x0[k] + ...) with 16-bit lanes
 # (vpmaddwd): ~2.5 weights an instruction, slower than int4 (measured 0.70 ms vs 0.19 ms here). The codes are unsigned bytes (0, 1, 2 after a shift and a

@@ -279,11 +279,16 @@ def test_convert_ternary_llama_matches_transformers_online_bitlinear(capsys, tin
     assert rc == 0
 
 
+# int8 embeddings/head would run int8/int4 kernels that quantize activations: kept float here, so
+# that the logits compare with the pruned weights in transformers to float tolerance
+F32_ENDS = ["--rules", "embed_tokens|lm_head=f32"]
+
+
 @pytest.mark.parametrize("args, kind, values, sparsity", [
-    (["--quant", "int8", "--sparsity-pattern", "2:4"], "sparse24", "int8", 0.5),
+    (["--quant", "int8", "--sparsity-pattern", "2:4", *F32_ENDS], "sparse24", "int8", 0.5),
     (["--sparsity", "0.5", "--sparsity-pattern", "2:4"], "sparse24", "f16", 0.5),
     (["--sparsity", "0.9"], "csr", "f16", 0.9),
-    (["--quant", "int8", "--sparsity", "0.75", "--sparsity-pattern", "unstructured"], "csr", "int8", 0.75),
+    (["--quant", "int8", "--sparsity", "0.75", "--sparsity-pattern", "unstructured", *F32_ENDS], "csr", "int8", 0.75),
 ])
 def test_convert_sparse_end_to_end(capsys, tiny_llama, tmp_path, args, kind, values, sparsity):
     import edgerun
@@ -305,8 +310,8 @@ def test_convert_sparse_end_to_end(capsys, tiny_llama, tmp_path, args, kind, val
     err = rel_err(got, dequantized_reference(model, m.file, IDS))
     assert err < 1e-5, f"{kind}/{values}: rel err {err:.2e} against the pruned weights in transformers"
     st = m.new_state()                                      # decode (T = 1 kernels) = prefill
-    # with --quant int8 the int8 embeddings/head decode one token with int8 activations (gemm_int8_q8)
-    tol = 2e-2 if values == "int8" else 1e-5
+    # one token against 2:4 int8 values multiplies int8-quantized activations
+    tol = 2e-2 if kind == "sparse24" and values == "int8" else 1e-5
     assert rel_err(np.concatenate([m.step(st, [i]) for i in IDS]), got) < tol
 
 
