@@ -14,8 +14,8 @@ int8 values, which is quantized to int8 per token like the int8/int4 ``_q8`` dec
 rows are put back in place by AVX512-VBMI2's vpexpandb straight from their position masks.
 
 T == 1 (decode) walks the packed rows directly with prange over rows. T > 1 (prefill): ternary
-runs the same row dots for every token over a block of rows that stays in cache; binary and
-sparse kinds unpack a block of rows once into a small int8/float buffer reused for every token.
+and binary run the same row dots for every token over a block of rows that stays in cache; the
+sparse kinds unpack a block of rows once into a small float buffer reused for every token.
 Inner loops index block-sized slices with the loop counter (never ``base + j``, see linear.py).
 """
 import os
@@ -93,15 +93,6 @@ def _quantized(x, npad):
     xsum = np.empty(T, np.int32)
     quantize_rows_int8(x, xq, xs, xsum)
     return xq, xs, xsum
-
-
-@njit(inline="always")
-def _idot(a, b, n):
-    """int8 . int8 -> int32."""
-    acc = np.int32(0)
-    for j in range(n):
-        acc = np.int32(acc + a[j] * b[j])
-    return acc
 
 
 # ------------------------------------------------------------------ ternary, 2 bits
@@ -484,37 +475,36 @@ def gemm_binary(x, bits, scales, group, n, out):
     for t in range(T):
         for g in range(ng):
             gsum[t, g] = _isum(xq[t, g * group:(g + 1) * group], group)
+    nch = ng // 2 if group == 128 else 0              # SIMD path: two groups of 128 a 32-byte chunk
+    planes = np.empty((T, 8, nch * 32), np.int8)
+    if nch:
+        for t in range(T):
+            _to_planes_binary128(xq[t], planes[t])
     if T == 1:
-        x0, f = xq[0], xs[0]
-        nch = ng // 2 if group == 128 else 0          # SIMD path: two groups of 128 a 32-byte chunk
-        if nch:
-            planes = np.empty((8, nch * 32), np.int8)
-            _to_planes_binary128(x0, planes)
         for r in prange(rows):
-            acc = np.float32(0.0)
-            corr = np.float32(0.0)
-            if nch:
-                acc = 2 * dot_binary128(bits[r], scales[r], planes)
-                for g in range(2 * nch):
-                    corr += half_to_float(scales[r, g]) * np.float32(gsum[0, g])
-            for g in range(2 * nch, ng):
-                s = _dot_bits(bits[r, g * gb:(g + 1) * gb], x0[g * group:(g + 1) * group], gb)
-                acc += half_to_float(scales[r, g]) * np.float32(2 * s - gsum[0, g])
-            out[0, r] = (acc - corr) * f
+            out[0, r] = _binary_row(bits[r], scales[r], xq[0], planes[0], gsum[0], nch, group) * xs[0]
         return
+    # prefill: the decode row dots per token over a block of rows that stays in cache
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
         r0 = blk * ROW_BLOCK
-        nr = min(ROW_BLOCK, rows - r0)
-        buf = np.empty((nr, ng * group), np.int8)
-        for i in range(nr):
-            _unpack_bits_row(bits[r0 + i], group, buf[i])
         for t in range(T):
-            for i in range(nr):
-                acc = np.float32(0.0)
-                for g in range(ng):
-                    s = _idot(buf[i, g * group:(g + 1) * group], xq[t, g * group:(g + 1) * group], group)
-                    acc += half_to_float(scales[r0 + i, g]) * np.float32(s)
-                out[t, r0 + i] = acc * xs[t]
+            for r in range(r0, min(r0 + ROW_BLOCK, rows)):
+                out[t, r] = _binary_row(bits[r], scales[r], xq[t], planes[t], gsum[t], nch, group) * xs[t]
+
+
+@njit(inline="always")
+def _binary_row(brow, srow, xrow, planes, gsum, nch, group):
+    """sum_g scale_g * sum(sign * x) of one row: SIMD over the first 2 * nch groups, loop over the rest."""
+    gb = group // 8
+    acc = np.float32(0.0)
+    if nch:
+        acc = 2 * dot_binary128(brow, srow, planes)
+        for g in range(2 * nch):
+            acc -= half_to_float(srow[g]) * np.float32(gsum[g])
+    for g in range(2 * nch, srow.shape[0]):
+        s = _dot_bits(brow[g * gb:(g + 1) * gb], xrow[g * group:(g + 1) * group], gb)
+        acc += half_to_float(srow[g]) * np.float32(2 * s - gsum[g])
+    return acc
 
 
 @njit(inline="always")
