@@ -40,11 +40,11 @@ class CPUBackend:
         return f
 
     def linear(self, x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
-        """x (T, in) float32 @ W.T -> (T, out), by gemm_<kind>. One token against int8/int4
-        weights goes to gemm_<kind>_q8 (activations quantized to int8, integer SIMD dots) unless
+        """x (T, in) float32 @ W.T -> (T, out), by gemm_<kind>. Against int8/int4 weights,
+        gemm_<kind>_q8 (activations quantized to int8 per block of 32, integer SIMD dots) unless
         the backend was made with act_quant=False."""
         kind, fields = self._kernel_args(w)
-        if self.act_quant and x.shape[0] == 1 and kind in ("int8", "int4"):
+        if self.act_quant and kind in ("int8", "int4"):
             kind += "_q8"
         if out is None:
             out = np.empty((x.shape[0], fields[0].shape[0]), np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FASTMATH, JIT, as_float, half_to_float
-from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int8_row, quantize_act
+from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int4_row4, dot_int8_row, dot_int8_row4, quantize_act
 
 ROW_BLOCK = 16
 
@@ -178,6 +178,18 @@ def _unpack_int4_row(qrow, srow, mrow, has_mins, group, dst):
 
 # ------------------------------------------------------------------ decode with int8 activations
 
+@njit(parallel=True, **JIT)
+def _quantized_rows(x):
+    """x (T, n) -> (xq (T, n) int8, xs, xsum (T, n // 32)) per token and block of 32."""
+    T, n = x.shape
+    xq = np.empty((T, n), np.int8)
+    xs = np.empty((T, n // BLOCK), np.float32)
+    xsum = np.empty((T, n // BLOCK), np.float32)
+    for t in prange(T):
+        quantize_act(x[t], xq[t], xs[t], xsum[t])
+    return xq, xs, xsum
+
+
 @njit(inline="always")
 def _quantized(x):
     """x (n,) -> (xq int8, xs, xsum) per block of 32 (simd.quantize_act)."""
@@ -194,26 +206,47 @@ def gemm_int8_q8(x, q, scales, group, out):
     """gemm_int8 for one token with x quantized to int8 per block of 32, integer dot products in
     SIMD (simd.dot_int8_row), as llama.cpp's Q8_0 x Q8_0. Shapes the row kernel can't take
     (in not a multiple of 32, or groups other than 32 or a whole row) use gemm_int8."""
-    n = x.shape[1]
-    if x.shape[0] != 1 or n % BLOCK or (group != BLOCK and group != n):
+    T, n = x.shape
+    if n % BLOCK or (group != BLOCK and group != n):
         gemm_int8(x, q, scales, group, out)
         return
-    xq, xs, xsum = _quantized(x[0])
+    if T == 1:
+        xq, xs, xsum = _quantized(x[0])
+        for r in prange(q.shape[0]):
+            out[0, r] = dot_int8_row(q[r], scales[r], xq, xs, xsum, group)
+        return
+    xq, xs, xsum = _quantized_rows(x)     # prefill: each weight row, read once, meets every token,
+    T4 = T - T % 4                        # four at a time (converted once for the four)
     for r in prange(q.shape[0]):
-        out[0, r] = dot_int8_row(q[r], scales[r], xq, xs, xsum, group)
+        for t in range(0, T4, 4):
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_int8_row4(q[r], scales[r], xq, xs, xsum,
+                                                                                   t, group)
+        for t in range(T4, T):
+            out[t, r] = dot_int8_row(q[r], scales[r], xq[t], xs[t], xsum[t], group)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def gemm_int4_q8(x, qs, scales, mins, group, out):
     """gemm_int4 for one token with x quantized to int8 per block of 32 (simd.dot_int4_row)."""
-    n = x.shape[1]
-    if x.shape[0] != 1 or n % BLOCK or group % BLOCK:
+    T, n = x.shape
+    if n % BLOCK or group % BLOCK:
         gemm_int4(x, qs, scales, mins, group, out)
         return
-    xq, xs, xsum = _quantized(x[0])
     has_mins = mins.shape[0] > 0
+    if T == 1:
+        xq, xs, xsum = _quantized(x[0])
+        for r in prange(qs.shape[0]):
+            out[0, r] = dot_int4_row(qs[r], scales[r], mins[r] if has_mins else scales[r], has_mins, xq, xs, xsum, group)
+        return
+    xq, xs, xsum = _quantized_rows(x)
+    T4 = T - T % 4 if group == BLOCK else 0
     for r in prange(qs.shape[0]):
-        out[0, r] = dot_int4_row(qs[r], scales[r], mins[r] if has_mins else scales[r], has_mins, xq, xs, xsum, group)
+        m = mins[r] if has_mins else scales[r]
+        for t in range(0, T4, 4):
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_int4_row4(qs[r], scales[r], m, has_mins,
+                                                                                   xq, xs, xsum, t)
+        for t in range(T4, T):
+            out[t, r] = dot_int4_row(qs[r], scales[r], m, has_mins, xq[t], xs[t], xsum[t], group)
 
 
 def gemm_q8_ref(x: np.ndarray, w_f32: np.ndarray) -> np.ndarray:

@@ -195,38 +195,101 @@ def _scales8(builder, base, b0, half):
     return _load(builder, base, builder.mul(b0, ir.Constant(_i64, 4)), _v8f32)
 
 
-def _row_dot(builder, nb, weights, x, acc, blockwise):
-    """The loop shared by every row kind, over nb activation blocks.
+class _Tok:
+    """One token's quantized activations (addresses of xq, xs, xsum) and its accumulators."""
 
-    weights(b) -> the 32 weight bytes of block b (<32 x i8>, unsigned unless ``signed``);
-    blockwise: (scales8(b0) -> <8 x float> weight scales of blocks b0..b0+7 times xs,
-                corr8(b0) -> <8 x float> xsum coefficients or None,
-                scale1(b) / corr1(b) the same for one block).
+    def __init__(self, builder, xq, xs, xsum):
+        self.xq, self.xs, self.xsum, self.acc = xq, xs, xsum, _Accs(builder)
+
+
+def _row_dot(builder, nb, weights, toks, signed, wscale8, wscale1, coef8, coef1):
+    """The loop shared by every row kind, over nb activation blocks, for one or more tokens.
+
+    weights(b) -> the 32 weight bytes of block b (<32 x i8>, unsigned unless ``signed``), unpacked
+    once for all toks; wscale8(b0) / wscale1(b): the weight scales of blocks b0..b0+7 (<8 x float>)
+    / of block b; coef8 / coef1: the same for the xsum coefficient, or None (no correction).
     Blocks go 8 at a time so that scales are loaded and converted as vectors; the tail one by one."""
-    signed, scales8, corr8, scale1, corr1 = blockwise
     eight = ir.Constant(_i64, 8)
     ntiles = builder.sdiv(nb, eight)
 
-    def dot(b):
-        off = builder.mul(b, ir.Constant(_i64, BLOCK))
-        return _byte_dot(builder, weights(b), _load(builder, x, off, _v32i8), signed_u=signed)
+    def dot(u, tok, b):
+        return _byte_dot(builder, u, _load(builder, tok.xq, builder.mul(b, ir.Constant(_i64, BLOCK)), _v32i8),
+                         signed_u=signed)
 
     with cgutils.for_range(builder, ntiles) as t:
         b0 = builder.mul(t.index, eight)
-        sv = scales8(b0)
-        cv = corr8(b0)
-        if cv is not None:
-            acc.add_corr(*cv)
+        w8, c8 = wscale8(b0), coef8(b0) if coef8 else None
+        svs = []
+        for tok in toks:
+            svs.append(builder.fmul(w8, _scales8(builder, tok.xs, b0, False)))
+            if c8 is not None:
+                tok.acc.add_corr(c8, _scales8(builder, tok.xsum, b0, False))
         for i in range(8):
-            acc.add(i % 2, dot(builder.add(b0, ir.Constant(_i64, i))), _lane(builder, sv, i))
+            b = builder.add(b0, ir.Constant(_i64, i))
+            u = weights(b)
+            for tok, sv in zip(toks, svs):
+                tok.acc.add(i % 2, dot(u, tok, b), _lane(builder, sv, i))
 
     def tail(b):
-        acc.add(0, dot(b), scale1(b))
-        c = corr1(b)
-        if c is not None:
-            acc.add_corr(*c)
+        u, w1, c1 = weights(b), wscale1(b), coef1(b) if coef1 else None
+        for tok in toks:
+            tok.acc.add(0, dot(u, tok, b), builder.fmul(w1, _scale(builder, tok.xs, b, False)))
+            if c1 is not None:
+                tok.acc.add_corr(c1, _scale(builder, tok.xsum, b, False))
 
     _loop(builder, builder.mul(ntiles, eight), nb, tail)
+
+
+def _toks(context, builder, sig_, args, first, t0=None, count=1):
+    """_Tok objects for activations args[first:first+3] = (xq, xs, xsum): 1-D arrays, or rows
+    t0..t0+count-1 of 2-D ones."""
+    addrs = [_addr(context, builder, t, a) for t, a in zip(sig_.args[first:first + 3], args[first:first + 3])]
+    if t0 is None:
+        return [_Tok(builder, *addrs)]
+    toks = []
+    for k in range(count):
+        row = builder.add(t0, ir.Constant(_i64, k))
+        moved = []
+        for aty, aval, base in zip(sig_.args[first:first + 3], args[first:first + 3], addrs):
+            arr = context.make_array(aty)(context, builder, aval)
+            stride = builder.extract_value(arr.strides, 0)
+            moved.append(builder.add(base, builder.mul(row, stride)))
+        toks.append(_Tok(builder, *moved))
+    return toks
+
+
+def _int8_codegen(multi):
+    """dot_int8_row (multi=False) or dot_int8_row4 (4 tokens of 2-D activations from t0)."""
+    def codegen(context, builder, sig_, args):
+        qa, wa = (_addr(context, builder, t, a) for t, a in zip(sig_.args[:2], args[:2]))
+        half = _is_half(sig_.args[1])
+        grp = context.cast(builder, args[-1], sig_.args[-1], types.int64)
+        n = builder.extract_value(context.make_array(sig_.args[0])(context, builder, args[0]).shape, 0)
+        nb = builder.sdiv(n, ir.Constant(_i64, BLOCK))
+        t0 = context.cast(builder, args[5], sig_.args[5], types.int64) if multi else None
+        toks = _toks(context, builder, sig_, args, 2, t0, 4 if multi else 1)
+        unsigned_trick = ISA == "vnni"      # (q + 128) . x  -  128 * sum(x)
+
+        def weights(b):
+            qv = _load(builder, qa, builder.mul(b, ir.Constant(_i64, BLOCK)), _v32i8)
+            return builder.xor(qv, _splat(_v32i8, -128)) if unsigned_trick else qv
+
+        def run(ws8, ws1):
+            m128 = ir.Constant(_f32, -128.0)
+            _row_dot(builder, nb, weights, toks, not unsigned_trick, ws8, ws1,
+                     (lambda b0: builder.fmul(ws8(b0), _splat_f(builder, m128))) if unsigned_trick else None,
+                     (lambda b: builder.fmul(ws1(b), m128)) if unsigned_trick else None)
+
+        with builder.if_else(builder.icmp_signed("==", grp, ir.Constant(_i64, BLOCK))) as (per_block, per_row):
+            with per_block:
+                run(lambda b0: _scales8(builder, wa, b0, half), lambda b: _scale(builder, wa, b, half))
+            with per_row:
+                w0 = _scale(builder, wa, ir.Constant(_i64, 0), half)
+                w8 = _splat_f(builder, w0)
+                run(lambda b0: w8, lambda b: w0)
+        totals = [tok.acc.total() for tok in toks]
+        return totals[0] if not multi else context.make_tuple(builder, sig_.return_type, totals)
+    return codegen
 
 
 @intrinsic
@@ -236,46 +299,46 @@ def dot_int8_row(typingctx, q, w, xq, xs, xsum, group):
     group == 32 or group == n (one scale per row)."""
     if not _contiguous(q, w, xq, xs, xsum):
         return None
-    sig = types.float32(q, w, xq, xs, xsum, group)
-    half = _is_half(w)
+    return types.float32(q, w, xq, xs, xsum, group), _int8_codegen(False)
 
-    def codegen(context, builder, sig_, args):
-        qa, wa, xqa, xsa, xsuma = (_addr(context, builder, t, a) for t, a in zip(sig_.args[:5], args[:5]))
-        grp = context.cast(builder, args[5], sig_.args[5], types.int64)
-        n = builder.extract_value(context.make_array(sig_.args[0])(context, builder, args[0]).shape, 0)
-        nb = builder.sdiv(n, ir.Constant(_i64, BLOCK))
-        acc = _Accs(builder)
-        unsigned_trick = ISA == "vnni"      # (q + 128) . x  -  128 * sum(x)
 
-        def weights(b):
-            qv = _load(builder, qa, builder.mul(b, ir.Constant(_i64, BLOCK)), _v32i8)
-            return builder.xor(qv, _splat(_v32i8, -128)) if unsigned_trick else qv
+@intrinsic
+def dot_int8_row4(typingctx, q, w, xq, xs, xsum, t0, group):
+    """dot_int8_row for the 4 tokens t0..t0+3 of 2-D activations xq (T, n), xs, xsum (T, n // 32):
+    the weight row is loaded and converted once for all four (prefill)."""
+    if not (_contiguous(q, w) and _rows_contiguous(xq, xs, xsum)):
+        return None
+    return types.UniTuple(types.float32, 4)(q, w, xq, xs, xsum, t0, group), _int8_codegen(True)
 
-        def scheme(ws8, ws1):
-            def corr8(b0):
-                if not unsigned_trick:
-                    return None
-                return builder.fmul(ws8(b0), _splat_f(builder, ir.Constant(_f32, -128.0))), _scales8(builder, xsuma, b0, False)
 
-            def corr1(b):
-                if not unsigned_trick:
-                    return None
-                return builder.fmul(ws1(b), ir.Constant(_f32, -128.0)), _scale(builder, xsuma, b, False)
-            return (not unsigned_trick,
-                    lambda b0: builder.fmul(ws8(b0), _scales8(builder, xsa, b0, False)), corr8,
-                    lambda b: builder.fmul(ws1(b), _scale(builder, xsa, b, False)), corr1)
+def _rows_contiguous(*tys):
+    return all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in tys)
 
-        with builder.if_else(builder.icmp_signed("==", grp, ir.Constant(_i64, BLOCK))) as (per_block, per_row):
-            with per_block:
-                _row_dot(builder, nb, weights, xqa, acc,
-                         scheme(lambda b0: _scales8(builder, wa, b0, half), lambda b: _scale(builder, wa, b, half)))
-            with per_row:
-                w0 = _scale(builder, wa, ir.Constant(_i64, 0), half)
-                w8 = _splat_f(builder, w0)
-                _row_dot(builder, nb, weights, xqa, acc, scheme(lambda b0: w8, lambda b: w0))
-        return acc.total()
 
-    return sig, codegen
+def _int4_g32(builder, qa, wa, ca, cf, half, nb, toks):
+    """Int4 rows with groups of 32: block b = group b, 16 bytes, low nibbles then high ones."""
+    def weights(b):
+        v = _load(builder, qa, builder.mul(b, ir.Constant(_i64, 16)), _v16i8)
+        lo = builder.and_(v, _splat(_v16i8, 15))
+        hi = builder.lshr(v, _splat(_v16i8, 4))
+        return builder.shuffle_vector(lo, hi, ir.Constant(_v32i32, list(range(32))))
+
+    _row_dot(builder, nb, weights, toks, False,
+             lambda b0: _scales8(builder, wa, b0, half), lambda b: _scale(builder, wa, b, half),
+             lambda b0: builder.fmul(_splat_f(builder, cf), _scales8(builder, ca, b0, half)),
+             lambda b: builder.fmul(cf, _scale(builder, ca, b, half)))
+
+
+def _int4_args(context, builder, sig_, args):
+    qa, wa, ma = (_addr(context, builder, t, a) for t, a in zip(sig_.args[:3], args[:3]))
+    hm = context.cast(builder, args[3], sig_.args[3], types.boolean)
+    # the xsum coefficient: m[g] with mins, else -8 w[g]; chosen once, not per group
+    return qa, wa, builder.select(hm, ma, wa), builder.select(hm, ir.Constant(_f32, 1.0), ir.Constant(_f32, -8.0))
+
+
+def _check_int4_types(w, m):
+    if _is_half(m) != _is_half(w):
+        raise TypeError("dot_int4_row: mins and scales must have the same dtype")
 
 
 @intrinsic
@@ -286,38 +349,21 @@ def dot_int4_row(typingctx, qs, w, m, has_mins, xq, xs, xsum, group):
     group is 32, 64 or 128."""
     if not _contiguous(qs, w, m, xq, xs, xsum):
         return None
+    _check_int4_types(w, m)
     sig = types.float32(qs, w, m, has_mins, xq, xs, xsum, group)
     half = _is_half(w)
-    if _is_half(m) != half:
-        raise TypeError("dot_int4_row: mins and scales must have the same dtype")
 
     def codegen(context, builder, sig_, args):
-        qa, wa, ma = (_addr(context, builder, t, a) for t, a in zip(sig_.args[:3], args[:3]))
-        xqa, xsa, xsuma = (_addr(context, builder, t, a) for t, a in zip(sig_.args[4:7], args[4:7]))
-        hm = context.cast(builder, args[3], sig_.args[3], types.boolean)
+        qa, wa, ca, cf = _int4_args(context, builder, sig_, args)
         grp = context.cast(builder, args[7], sig_.args[7], types.int64)
         n = builder.extract_value(context.make_array(sig_.args[4])(context, builder, args[4]).shape, 0)
         nb = builder.sdiv(n, ir.Constant(_i64, BLOCK))
-        acc = _Accs(builder)
-        # the xsum coefficient: m[g] with mins, else -8 w[g]; chosen once, not per group
-        ca = builder.select(hm, ma, wa)
-        cf = builder.select(hm, ir.Constant(_f32, 1.0), ir.Constant(_f32, -8.0))
-
+        toks = _toks(context, builder, sig_, args, 4)
+        acc = toks[0].acc
+        xqa, xsa, xsuma = toks[0].xq, toks[0].xs, toks[0].xsum
         with builder.if_else(builder.icmp_signed("==", grp, ir.Constant(_i64, 32))) as (g32, gbig):
-            with g32:       # block b = group b: 16 bytes, low nibbles then high ones
-                def weights(b):
-                    v = _load(builder, qa, builder.mul(b, ir.Constant(_i64, 16)), _v16i8)
-                    lo = builder.and_(v, _splat(_v16i8, 15))
-                    hi = builder.lshr(v, _splat(_v16i8, 4))
-                    return builder.shuffle_vector(lo, hi, ir.Constant(_v32i32, list(range(32))))
-
-                _row_dot(builder, nb, weights, xqa, acc, (
-                    False,
-                    lambda b0: builder.fmul(_scales8(builder, wa, b0, half), _scales8(builder, xsa, b0, False)),
-                    lambda b0: (builder.fmul(_splat_f(builder, cf), _scales8(builder, ca, b0, half)),
-                                _scales8(builder, xsuma, b0, False)),
-                    lambda b: builder.fmul(_scale(builder, wa, b, half), _scale(builder, xsa, b, False)),
-                    lambda b: (builder.fmul(cf, _scale(builder, ca, b, half)), _scale(builder, xsuma, b, False))))
+            with g32:
+                _int4_g32(builder, qa, wa, ca, cf, half, nb, toks)
             with gbig:      # 64 or 128: 32-byte chunks whose low nibbles are one block, high ones another
                 chunks = builder.sdiv(grp, ir.Constant(_i64, 64))
                 bpg = builder.sdiv(grp, ir.Constant(_i64, BLOCK))
@@ -335,6 +381,27 @@ def dot_int4_row(typingctx, qs, w, m, has_mins, xq, xs, xsum, group):
                             acc.add(k, d, builder.fmul(wg, _scale(builder, xsa, b, False)))
                             acc.add_corr(cg, _scale(builder, xsuma, b, False))
         return acc.total()
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_int4_row4(typingctx, qs, w, m, has_mins, xq, xs, xsum, t0):
+    """dot_int4_row with groups of 32 for the 4 tokens t0..t0+3 of 2-D activations xq (T, n),
+    xs, xsum (T, n // 32): each 16-byte group is loaded and unpacked once for all four (prefill)."""
+    if not (_contiguous(qs, w, m) and _rows_contiguous(xq, xs, xsum)):
+        return None
+    _check_int4_types(w, m)
+    sig = types.UniTuple(types.float32, 4)(qs, w, m, has_mins, xq, xs, xsum, t0)
+    half = _is_half(w)
+
+    def codegen(context, builder, sig_, args):
+        qa, wa, ca, cf = _int4_args(context, builder, sig_, args)
+        n = builder.extract_value(context.make_array(sig_.args[4])(context, builder, args[4]).shape, 1)
+        nb = builder.sdiv(n, ir.Constant(_i64, BLOCK))
+        toks = _toks(context, builder, sig_, args, 4, context.cast(builder, args[7], sig_.args[7], types.int64), 4)
+        _int4_g32(builder, qa, wa, ca, cf, half, nb, toks)
+        return context.make_tuple(builder, sig_.return_type, [tok.acc.total() for tok in toks])
 
     return sig, codegen
 

@@ -306,11 +306,11 @@ def test_corrupted_header_that_still_parses_is_refused(edr_file, old, new):
 
 
 def test_unknown_packed_kind_names_the_file(tmp_path):
-    """A file from a newer edgerun with a kind this one lacks (e.g. ternary): refused, naming the file."""
+    """A file from a newer edgerun with a kind this one lacks (here "int3"): refused, naming the file."""
     path = tmp_path / "new.edr"
     edr.write(path, arch="LlamaForCausalLM", config=CONFIG, tokenizer=TOKENIZER,
-              tensors=[("x.weight", PackedTensor("ternary", (2, 16), {}, {"w": np.zeros((2, 4), np.uint8)}))])
-    _expect_refused(path, "ternary")
+              tensors=[("x.weight", PackedTensor("int3", (2, 16), {}, {"w": np.zeros((2, 4), np.uint8)}))])
+    _expect_refused(path, "int3")
 
 
 def test_corrupted_metadata_that_still_parses_fails_the_hash(edr_file):
