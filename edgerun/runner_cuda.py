@@ -339,11 +339,11 @@ def random_weight(ops, kind: str, rows: int, cols: int, seed: int, std: float = 
     if kind == "int8":
         q = rand_int(e((rows, cols), np.int8), -127, 127, seed)
         s = rand_uniform(e((rows, cols // group), np.float16), 0.5 * std / 73, 1.5 * std / 73, seed + 1)
-        return DevWeight("int8", rows, cols, group, q, s, ops._lin.dummy(2), q.view(np.uint32))
+        return DevWeight("int8", rows, cols, group, q, s, ops._lin.dummy(2), q.view(np.uint64))
     if kind == "int4":
         qs = rand_int(e((rows, cols // 2), np.uint8), 0, 255, seed)
         s = rand_uniform(e((rows, cols // group), np.float16), 0.5 * std / 4.6, 1.5 * std / 4.6, seed + 1)
-        return DevWeight("int4", rows, cols, group, qs, s, ops._lin.dummy(2), qs.view(np.uint32))
+        return DevWeight("int4", rows, cols, group, qs, s, ops._lin.dummy(2), qs.view(np.uint64))
     w = rand_uniform(e((rows, cols), np.float16 if kind == "f16" else np.float32), -1.7 * std, 1.7 * std, seed)
     return DevWeight(kind, rows, cols, 1, w, w, ops._lin.dummy(2), None)
 

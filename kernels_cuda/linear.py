@@ -14,8 +14,8 @@ with device arrays. Two kernels stand behind each name:
 - T > 1 (prefill) or a group that is not a power of two: a tiled GEMM, 64 rows x 32 tokens per
   block, each weight tile dequantised once into shared memory and used by every token.
 
-Device layouts (kernels_cuda/backend.py uploads them): int8 q (rows, in) int8 plus its uint32
-view (rows, in/4); int4 qs (rows, in/2) uint8 plus its uint32 view (rows, in/8), low nibble
+Device layouts (edgerun/backend_cuda.py uploads them): int8 q (rows, in) int8 plus its uint64
+view (rows, in/8); int4 qs (rows, in/2) uint8 plus its uint64 view (rows, in/16), low nibble
 first as in edgerun/packed.py; scales and mins float32 or float16; dense f32, float16, or
 bfloat16 as uint16 bits.
 """
@@ -27,7 +27,7 @@ from numba import cuda
 from ._launch import go
 from ._common import BLOCK, F32, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_sum4
 
-GEMV_SPLIT = min(2, BLOCK // 32)  # int8/int4 GEMV: warps sharing 4 rows, splitting the inputs between them
+GEMV_SPLIT = 1                    # int8/int4 GEMV: warps sharing 4 rows, splitting the inputs (1 measured best)
 DENSE_ROWS = BLOCK // 32 * 4      # output rows per dense GEMV block: 4 per warp
 RED4 = 4 * BLOCK                  # shared scratch of warp_sum4 (a compile-time constant)
 PART = (BLOCK // 32, 32)          # per-warp partial sums (4 rows + sum of squares); row 0 doubles as block_sum's
@@ -135,30 +135,51 @@ def _dot4s(w, x0, x1, x2, x3):
     return _i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3
 
 
+_LO32 = np.uint64(0xFFFFFFFF)
+_S32 = np.uint64(32)
+
+
+@device
+def _dot8s(w, x0, x1, x2, x3, x4, x5, x6, x7):
+    """8 int8 values of a uint64 word against x0..x7."""
+    return _dot4s(U32(w & _LO32), x0, x1, x2, x3) + _dot4s(U32(w >> _S32), x4, x5, x6, x7)
+
+
 @device
 def _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw):
-    """Int8 word column k of 4 rows against its staged x values (scaled unless per_row)."""
+    """Int8 uint64-word column k of 4 rows against its 8 staged x values (scaled unless per_row)."""
     x0, x1, x2, x3 = xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k]
-    d0, d1 = _dot4s(qa[k], x0, x1, x2, x3), _dot4s(qb[k], x0, x1, x2, x3)
-    d2, d3 = _dot4s(qc[k], x0, x1, x2, x3), _dot4s(qd[k], x0, x1, x2, x3)
+    x4, x5, x6, x7 = xs[U32(4) * nw + k], xs[U32(5) * nw + k], xs[U32(6) * nw + k], xs[U32(7) * nw + k]
+    d0 = _dot8s(qa[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    d1 = _dot8s(qb[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    d2 = _dot8s(qc[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    d3 = _dot8s(qd[k], x0, x1, x2, x3, x4, x5, x6, x7)
     if per_row:
         return d0, d1, d2, d3
-    g = (k << U32(2)) >> gs
+    g = (k << U32(3)) >> gs
     return d0 * np.float32(sa[g]), d1 * np.float32(sb[g]), d2 * np.float32(sc[g]), d3 * np.float32(sd[g])
 
 
 @device
+def _dot16u(w, x):
+    """sum (1 + q/16) x over the 16 nibbles of a uint64 word (bytes 0..7: low nibbles -> x[0..7], high -> x[8..15])."""
+    lo, hi = U32(w & _LO32), U32(w >> _S32)
+    return (_dot8u(lo, x[0], x[1], x[2], x[3], x[8], x[9], x[10], x[11])
+            + _dot8u(hi, x[4], x[5], x[6], x[7], x[12], x[13], x[14], x[15]))
+
+
+@device
 def _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw):
-    """Int4 word column k of 4 rows: sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x, times the scale
-    (with mins: 16 s (d - sum x) + m sum x)."""
-    x0, x1, x2, x3 = xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k]
-    x4, x5, x6, x7 = xs[U32(4) * nw + k], xs[U32(5) * nw + k], xs[U32(6) * nw + k], xs[U32(7) * nw + k]
-    xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    g = (k << U32(2)) >> hs
-    d0 = _dot8u(qa[k], x0, x1, x2, x3, x4, x5, x6, x7)
-    d1 = _dot8u(qb[k], x0, x1, x2, x3, x4, x5, x6, x7)
-    d2 = _dot8u(qc[k], x0, x1, x2, x3, x4, x5, x6, x7)
-    d3 = _dot8u(qd[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    """Int4 uint64-word column k of 4 rows: sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x, times the
+    scale (with mins: 16 s (d - sum x) + m sum x)."""
+    x = (xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k], xs[U32(4) * nw + k], xs[U32(5) * nw + k],
+         xs[U32(6) * nw + k], xs[U32(7) * nw + k], xs[U32(8) * nw + k], xs[U32(9) * nw + k], xs[U32(10) * nw + k],
+         xs[U32(11) * nw + k], xs[U32(12) * nw + k], xs[U32(13) * nw + k], xs[U32(14) * nw + k],
+         xs[U32(15) * nw + k])
+    xsum = (((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))) \
+        + (((x[8] + x[9]) + (x[10] + x[11])) + ((x[12] + x[13]) + (x[14] + x[15])))
+    g = (k << U32(3)) >> hs
+    d0, d1, d2, d3 = _dot16u(qa[k], x), _dot16u(qb[k], x), _dot16u(qc[k], x), _dot16u(qd[k], x)
     c16 = np.float32(16.0)
     if has_mins:
         return (c16 * np.float32(sa[g]) * (d0 - xsum) + np.float32(mins[ra, g]) * xsum,
@@ -172,16 +193,16 @@ def _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs
 
 @device
 def _slot8(i, nwd, gshift, hshift, group, half):
-    """Where x[i] goes in the int8 GEMV's shared copy: value c of word k at c * n/4 + k."""
-    return (i & 3) * nwd + (i >> 2)
+    """Where x[i] goes in the int8 GEMV's shared copy: value c of uint64 word k at c * n/8 + k."""
+    return (i & 7) * nwd + (i >> 3)
 
 
 @device
 def _slot4(i, nwd, gshift, hshift, group, half):
-    """Where x[i] goes for the int4 GEMV: low nibbles of bytes 4k+c at c * n/8 + k, high ones at (4 + c) * n/8 + k."""
+    """Where x[i] goes for the int4 GEMV: low nibbles of bytes 8k+c at c * n/16 + k, high ones at (8 + c) * n/16 + k."""
     j = i & (group - 1)
     byte = (i >> gshift) * half + (j & (half - 1))
-    return ((byte & 3) + 4 * (j >> hshift)) * nwd + (byte >> 2)
+    return ((byte & 7) + 8 * (j >> hshift)) * nwd + (byte >> 3)
 
 
 def _make_stage(slot):
@@ -251,17 +272,17 @@ def _make_gemv_int8(per_row, split):
     @cuda.jit(fastmath=True)
     def gemv_int8_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
         """out (rows,) = [rmsnorm](x (n,)) @ W.T [+ res] | act on (gate, up) row pairs, for Int8Weight:
-        qw (rows, n/4) uint32 words, scales (rows, n >> gshift) (gshift PER_ROW: one per row).
+        qw (rows, n/8) uint64 words (8 int8 each), scales (rows, n >> gshift) (gshift PER_ROW: one per row).
         x is normalised and staged once per block in shared memory, permuted so that word column k
-        finds its 4 values at k + c * n/4 (conflict-free). GEMV_SPLIT warps share 4 rows, each taking
-        every GEMV_SPLIT-th run of 32 words (more warps in flight); 4 columns are loaded per step.
+        finds its 8 values at k + c * n/8 (conflict-free). `split` warps share 4 rows, each taking
+        every split-th run of 32 words; 4 columns are loaded per step (16 x 8 bytes in flight per lane).
         Row views and unsigned indices keep the index arithmetic out of the inner loop."""
         xs = cuda.shared.array(0, F32)
         red = cuda.shared.array(RED4, F32)
         part = cuda.shared.array(PART, F32)
         t = cuda.threadIdx.x
         n = x.shape[0]
-        nwd = n >> 2
+        nwd = n >> 3
         _stage8(x, norm_w, eps, red, part[0], xs, nwd, gshift if gshift != PER_ROW else 2)
         rows = qw.shape[0]
         w, lane = t >> 5, t & 31
@@ -311,19 +332,17 @@ def _make_gemv_int4(has_mins, split):
 
     @cuda.jit(fastmath=True)
     def gemv_int4_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
-        """As gemv_int8_kernel for Int4Weight: qw (rows, n/8) uint32 (bytes 4k..4k+3 of a row, 8 values),
+        """As gemv_int8_kernel for Int4Weight: qw (rows, n/16) uint64 (bytes 8k..8k+7 of a row, 16 values),
         scales / mins (rows, n >> gshift), mins (0, 0) when symmetric; gshift = log2(group), group a power
-        of two >= 8. Each nibble becomes the float 1 + q/16 by bit operations; per word column
+        of two >= 16. Each nibble becomes the float 1 + q/16 by bit operations; per word column
         sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x (sum x shared by the 4 rows)."""
         xs = cuda.shared.array(0, F32)
         red = cuda.shared.array(RED4, F32)
         part = cuda.shared.array(PART, F32)
         t = cuda.threadIdx.x
         n = x.shape[0]
-        nwd = n >> 3
-        group = 1 << gshift
+        nwd = n >> 4
         hshift = gshift - 1
-        half = group >> 1
         _stage4(x, norm_w, eps, red, part[0], xs, nwd, gshift)
         rows = qw.shape[0]
         w, lane = t >> 5, t & 31
@@ -534,15 +553,15 @@ def gemv_fits(kind: str, n: int, group: int) -> bool:
     if n > MAX_SMEM_X:                     # the GEMVs stage x in shared memory
         return False
     if kind == "int8":
-        return n % 4 == 0 and (group == n or (log2_exact(group) >= 2 and n % group == 0))
+        return n % 8 == 0 and (group == n or (log2_exact(group) >= 3 and n % group == 0))
     if kind == "int4":
-        return log2_exact(group) >= 3 and n % group == 0
+        return log2_exact(group) >= 4 and n % group == 0
     return True
 
 
 def launch_gemv(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act=ACT_NONE, stream=0):
     """One token: out (rows,) [or (rows/2,) with act] = act/res(x (n,) [normed] @ W.T).
-    fields: int8 (words, scales); int4 (words, scales, mins); dense (w,)."""
+    fields: int8 (uint64 words, scales); int4 (uint64 words, scales, mins); dense (w,)."""
     n = x.shape[0]
     rows = fields[0].shape[0]
     split = GEMV_SPLIT
@@ -587,9 +606,9 @@ def _gemm(kind, x, a, b, c, group, out):
     n = x.shape[1]
     if x.shape[0] == 1 and gemv_fits(kind, n, group):
         if kind == "int8":
-            f = (a.view(np.uint32), b)
+            f = (a.view(np.uint64), b)
         elif kind == "int4":
-            f = (a.view(np.uint32), b, c if c.shape[0] > 0 else dummy(2))
+            f = (a.view(np.uint64), b, c if c.shape[0] > 0 else dummy(2))
         else:
             f = (a,)
         launch_gemv(kind, x.reshape(n), f, group, out.reshape(out.shape[1]))
