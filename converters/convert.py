@@ -55,8 +55,8 @@ def convert(src, out, quant: str | None = None, group_size: int | None = None,
     kind = _source_kind(src)
     check_quant(quant or "f16", group_size)
     QuantPlan.make(quant or "f16", group_size, rules, sparsity, sparsity_pattern)      # bad options fail here
-    if kind != "hf" and (rules or sparsity or sparsity_pattern):
-        raise ConversionError(f"{src}: --rules and --sparsity apply to Hugging Face transformer directories; "
+    if kind not in ("hf", "gguf") and (rules or sparsity or sparsity_pattern):
+        raise ConversionError(f"{src}: --rules and --sparsity apply to Hugging Face directories and GGUF files; "
                               f"this {kind} source takes one --quant")
     group = group_size or DEFAULT_GROUP
     if kind == "rwkv":
@@ -84,7 +84,13 @@ def convert(src, out, quant: str | None = None, group_size: int | None = None,
         md = gguf_metadata(reader)
         cfg = gguf_file.config_from_metadata(md, {t.name for t in reader.tensors}, src)
         tok = Tokenizer.from_gguf(md).to_dict()
-        tensors = gguf_file.iter_tensors(reader, cfg, quant, group)
+        if rules or sparsity or sparsity_pattern:          # dequantize every tensor, then the plan's kinds
+            quant = quant or "f16"
+            plan = QuantPlan.make(quant, group_size, rules, sparsity, sparsity_pattern)
+            extra = plan.record()
+            tensors = ((n, plan.pack(n, pt.parts["w"])) for n, pt in gguf_file.iter_tensors(reader, cfg, "f32", group))
+        else:
+            tensors = gguf_file.iter_tensors(reader, cfg, quant, group)
         total = len(reader.tensors)
     update, close = _progress(total, f"converting {src.name}", progress)
     try:

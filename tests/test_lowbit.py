@@ -367,3 +367,18 @@ def test_prune_unstructured_is_per_matrix_magnitude():
     assert ((q.reshape(16, 10, 4) != 0).sum(axis=2) == 2).all()
     with pytest.raises(ConversionError, match="q_proj.*multiple of 4"):
         prune_2_4(w[:, :39], "q_proj")
+
+
+@pytest.mark.slow
+def test_convert_gguf_with_sparsity_and_rules(capsys, smollm2_gguf, tmp_path):
+    """A GGUF source is dequantized, then takes the plan's kinds (SmolLM2: tied embeddings)."""
+    import edgerun
+    out = tmp_path / "s.edr"
+    rc, _, err = cli(capsys, "convert", smollm2_gguf, "-o", out, "--quant", "int8", "--sparsity-pattern", "2:4",
+                     "--rules", "embed_tokens=int8", "-q")
+    assert rc == 0, err
+    m = edgerun.load(out)
+    assert m.file.descriptors["model.layers.3.mlp.up_proj.weight"]["kind"] == "sparse24"
+    assert m.file.descriptors["model.embed_tokens.weight"]["kind"] == "int8"
+    assert m.file.extra["sparsity_pattern"] == "2:4" and m.file.extra["rules"] == "embed_tokens=int8"
+    assert np.isfinite(m.forward(m.tokenizer.encode("The cat sat on the mat."))).all()
