@@ -20,7 +20,7 @@ import numpy as np
 from numba import cuda
 
 from ._launch import go
-from ._common import F32, warp_max, warp_sum
+from ._common import F32, device, warp_max, warp_sum
 
 ATT_WARPS = 4
 MAX_HEAD_DIM = 256
@@ -77,6 +77,52 @@ def rope_store_kernel(qkv, n_heads, q_norm, k_norm, eps, start, inv_freq, rope_s
         dst[j] = sh[j]
 
 
+@device
+def _dot_row(qs, kr, d):
+    """q . k over head_dim, 8 loads of the key row at a time (a plain loop waited out each load)."""
+    x = np.float32(0.0)
+    c = 0
+    while c + 8 <= d:
+        k0, k1, k2, k3, k4, k5, k6, k7 = kr[c], kr[c + 1], kr[c + 2], kr[c + 3], kr[c + 4], kr[c + 5], kr[c + 6], kr[c + 7]
+        x += ((qs[c] * k0 + qs[c + 1] * k1) + (qs[c + 2] * k2 + qs[c + 3] * k3)) \
+            + ((qs[c + 4] * k4 + qs[c + 5] * k5) + (qs[c + 6] * k6 + qs[c + 7] * k7))
+        c += 8
+    while c < d:
+        x += qs[c] * kr[c]
+        c += 1
+    return x
+
+
+@device
+def _acc_rows4(v0, v1, v2, v3, p0, p1, p2, p3, lane, d, a0, a1, a2, a3, a4, a5, a6, a7):
+    """acc[i] += sum_r p_r v_r[lane + 32 i] for the dims this lane holds (head_dim <= 256)."""
+    c = lane
+    if c < d:
+        a0 += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c])
+    c += 32
+    if c < d:
+        a1 += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c])
+    c += 32
+    if c < d:
+        a2 += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c])
+    c += 32
+    if c < d:
+        a3 += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c])
+    c += 32
+    if c < d:
+        a4 += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c])
+    c += 32
+    if c < d:
+        a5 += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c])
+    c += 32
+    if c < d:
+        a6 += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c])
+    c += 32
+    if c < d:
+        a7 += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c])
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
 @cuda.jit(fastmath=True)
 def paged_attention_kernel(q, k_pool, v_pool, table, start, scale, window, softcap, out):
     """Grid (T, H), ATT_WARPS warps per block."""
@@ -86,7 +132,6 @@ def paged_attention_kernel(q, k_pool, v_pool, table, start, scale, window, softc
     ms = cuda.shared.array(ATT_WARPS, F32)
     ls = cuda.shared.array(ATT_WARPS, F32)
     accs = cuda.shared.array(ACC_SHAPE, F32)
-    acc = cuda.local.array(ACC_LOCAL, F32)
     t, h = cuda.blockIdx.x, cuda.blockIdx.y
     tid = cuda.threadIdx.x
     w, lane = tid // 32, tid % 32
@@ -97,9 +142,7 @@ def paged_attention_kernel(q, k_pool, v_pool, table, start, scale, window, softc
     lo = 0 if window <= 0 else max(0, p - window + 1)
     for j in range(tid, d, ATT_WARPS * 32):
         qs[j] = q[t, h, j] * scale
-    nd = (d + 31) // 32
-    for i in range(nd):
-        acc[i] = np.float32(0.0)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)      # dims lane + 32 i of the value sum
     cuda.syncthreads()
     m = np.float32(-math.inf)
     l = np.float32(0.0)
@@ -112,9 +155,7 @@ def paged_attention_kernel(q, k_pool, v_pool, table, start, scale, window, softc
         s = np.float32(-math.inf)
         if ch < n_chunks and j <= p:
             kr = k_pool[table[j // bs], kv, j % bs]
-            x = np.float32(0.0)
-            for c in range(d):
-                x += qs[c] * kr[c]
+            x = _dot_row(qs, kr, d)
             if softcap > 0:
                 x = softcap * math.tanh(x / softcap)
             s = x
@@ -129,26 +170,34 @@ def paged_attention_kernel(q, k_pool, v_pool, table, start, scale, window, softc
         l = l * corr + warp_sum(pj, red)
         ps[w, lane] = pj
         cuda.syncthreads()
-        for i in range(nd):
-            acc[i] *= corr
+        a0, a1, a2, a3, a4, a5, a6, a7 = a0 * corr, a1 * corr, a2 * corr, a3 * corr, a4 * corr, a5 * corr, \
+            a6 * corr, a7 * corr
         nvalid = min(32, p + 1 - j0) if ch < n_chunks else 0
-        for jj in range(nvalid):
+        jj = 0
+        while jj + 4 <= nvalid:           # 4 value rows a step, their loads in flight together
             jk = j0 + jj
-            vr = v_pool[table[jk // bs], kv, jk % bs]
-            pw = ps[w, jj]
-            for i in range(nd):
-                c = lane + 32 * i
-                if c < d:
-                    acc[i] += pw * vr[c]
+            v0 = v_pool[table[jk // bs], kv, jk % bs]
+            v1 = v_pool[table[(jk + 1) // bs], kv, (jk + 1) % bs]
+            v2 = v_pool[table[(jk + 2) // bs], kv, (jk + 2) % bs]
+            v3 = v_pool[table[(jk + 3) // bs], kv, (jk + 3) % bs]
+            a0, a1, a2, a3, a4, a5, a6, a7 = _acc_rows4(v0, v1, v2, v3, ps[w, jj], ps[w, jj + 1], ps[w, jj + 2],
+                                                        ps[w, jj + 3], lane, d, a0, a1, a2, a3, a4, a5, a6, a7)
+            jj += 4
+        while jj < nvalid:
+            jk = j0 + jj
+            v0 = v_pool[table[jk // bs], kv, jk % bs]
+            a0, a1, a2, a3, a4, a5, a6, a7 = _acc_rows4(v0, v0, v0, v0, ps[w, jj], np.float32(0.0), np.float32(0.0),
+                                                        np.float32(0.0), lane, d, a0, a1, a2, a3, a4, a5, a6, a7)
+            jj += 1
         m = m_new
         cuda.syncthreads()
     if lane == 0:
         ms[w] = m
         ls[w] = l
-    for i in range(nd):
+    for i, a in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
         c = lane + 32 * i
         if c < d:
-            accs[w, c] = acc[i]
+            accs[w, c] = a
     cuda.syncthreads()
     mm = ms[0]
     for i in range(1, ATT_WARPS):
