@@ -20,6 +20,7 @@ N_G32 = 4096 + 32             # 129 groups of 32
 N_G64 = 4096 + 64             # 65 groups of 64
 N_ODD = 4096 + 16 + 3         # for per-channel int8 and dense kinds: no group structure at all
 
+Q8_TOL = 1e-5
 GEMM_TOL = 2e-6               # float32 accumulation of ~4k terms, relative to sum |x_j w_j|
                               # (observed <= 2.4e-7 on every kind)
 
@@ -134,21 +135,23 @@ def run_gemm_q8(c, x):
     return out
 
 
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 9])
 def test_gemm_q8_matches_ref(packing, T):
-    """Decode with int8 activations (kernels_numba/simd.py) equals the NumPy twin that quantizes x
-    the same way; shapes the SIMD rows can't take (T > 1, in % 32, int8 groups of 16) fall back to
-    the float kernel and equal gemm_ref."""
+    """Matmuls with int8 activations (kernels_numba/simd.py; T = 9: two four-token passes and a
+    single token) equal the NumPy twin that quantizes x the same way; shapes the SIMD rows can't
+    take (in % 32, int8 groups of 16) fall back to the float kernel and equal gemm_ref."""
     c, n = packing
     if not isinstance(c, (packed.Int4Weight, packed.Int8Weight)):
         pytest.skip("float kinds have no int8-activation path")
     x = (rng(T).normal(size=(T, n)) + 0.5).astype(np.float32)
     x[:, 40:72] *= 30.0              # one block with a much larger range than the others
     w = packed.unpack(c)
-    simd = T == 1 and n % 32 == 0 and (isinstance(c, packed.Int4Weight) or c.group in (32, n))
+    simd = n % 32 == 0 and (isinstance(c, packed.Int4Weight) or c.group in (32, n))
     ref = L.gemm_q8_ref(x, w) if simd else L.gemm_ref(x, w)
     norm = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
-    check(run_gemm_q8(c, x), ref, GEMM_TOL, norm, f"gemm q8 T={T} simd={simd}")
+    # per-block float32 products (scales x integer dots) accumulate a little more rounding than
+    # the float kernels' single sum: observed <= 2.8e-6
+    check(run_gemm_q8(c, x), ref, Q8_TOL if simd else GEMM_TOL, norm, f"gemm q8 T={T} simd={simd}")
     if simd:      # and the quantization error itself stays what int8 per block of 32 promises
         check(run_gemm_q8(c, x), L.gemm_ref(x, w), 1e-2, norm, "gemm q8 vs float activations")
 

@@ -254,11 +254,14 @@ def test_quantized_models_stay_close(converted, tmp_path, quant, tol):
     for name in ("5v2-730K", "7v0-834K"):
         want = converted(name).forward(ids)
         convert_rwkv(FIX / f"tiny-rwkv-{name}.pth", tmp_path / f"{name}-{quant}.edr", quant)
-        m = edgerun.load(tmp_path / f"{name}-{quant}.edr")
-        got = m.forward(ids)
-        err = np.abs(got - want)
-        assert err.max() <= tol, f"{name} {quant}: max {err.max():.3g} mean {err.mean():.3g}"
-        assert (got.argmax(1) == want.argmax(1)).mean() >= (0.9 if quant != "int4" else 0.5)
+        # float activations: the weights' own error; then the default, int8 activations on top
+        # (as llama.cpp's Q8_0): measured 5v2 int8 max 0.195 / mean 0.027 with, under 0.15 without
+        for act_quant, bound in ((False, tol), (True, 2 * tol)):
+            m = edgerun.load(tmp_path / f"{name}-{quant}.edr", act_quant=act_quant)
+            got = m.forward(ids)
+            err = np.abs(got - want)
+            assert err.max() <= bound, f"{name} {quant} act_quant={act_quant}: max {err.max():.3g} mean {err.mean():.3g}"
+            assert (got.argmax(1) == want.argmax(1)).mean() >= (0.9 if quant != "int4" else 0.5)
 
 
 def test_pile_checkpoint_takes_the_tokenizer_json_beside_it(tmp_path):
