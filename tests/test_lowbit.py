@@ -117,7 +117,8 @@ def test_sparse24_keeps_the_two_largest_of_four():
 
 # ------------------------------------------------------------------ kernels
 
-GEMM_KINDS = [("ternary", {}, N), ("ternary", {"per_row": True}, 130), ("ternary_b3", {}, N),
+GEMM_KINDS = [("ternary", {}, N), ("ternary", {"per_row": True}, 130), ("ternary", {}, 3 * 128 - 5),
+              ("ternary_b3", {}, N),
               ("ternary_b3", {"per_row": True}, 161), ("binary", {}, N), ("binary", {}, 128 * 5 - 3), ("binary", {"group": 64}, 64 * 3 + 8),
               ("sparse24", {"values": "int8"}, N24), ("sparse24", {"values": "f16"}, N24 + 4),
               ("sparse24", {"values": "int8"}, 64 * 9 + 8),
