@@ -81,32 +81,32 @@ class CPUBackend:
             return np.empty(n, np.int8), np.empty(n // BLOCK, np.float32), np.empty(n // BLOCK, np.float32)
 
         e = np.zeros(0, np.float32)
-        return dict(
-            norms=tuple(norms), qk_norms=tuple(a if a is not None else e for a in qk_norms), eps=np.float32(eps),
-            mats=tuple(mats), biases=tuple(b if b is not None else e for b in biases),
-            inv_freq=inv_freq, rope_scale=float(rope_scale), scale=np.float32(scale), window=int(window),
-            softcap=np.float32(softcap), positions=np.zeros(1, np.int64),
-            q=np.empty((1, n_heads, head_dim), np.float32), k=np.empty((1, n_kv, head_dim), np.float32),
-            v=np.empty((1, n_kv, head_dim), np.float32), att=np.empty((1, n_heads, head_dim), np.float32),
-            xn=np.empty(hidden, np.float32), act_h=act(hidden), act_a=act(nq), act_i=act(inter),
-            h=np.empty(inter, np.float32))
+        positions = np.zeros(1, np.int64)
+        # the call's arguments around the per-step KV cache, built once: decoder_layer_step only
+        # splices in the cache and the position
+        head = (tuple(norms), tuple(a if a is not None else e for a in qk_norms), np.float32(eps), *mats,
+                tuple(b if b is not None else e for b in biases), positions, inv_freq, float(rope_scale))
+        tail = (np.float32(scale), int(window), np.float32(softcap),
+                np.empty((1, n_heads, head_dim), np.float32), np.empty((1, n_kv, head_dim), np.float32),
+                np.empty((1, n_kv, head_dim), np.float32), np.empty((1, n_heads, head_dim), np.float32),
+                np.empty(hidden, np.float32), act(hidden), act(nq), act(inter), np.empty(inter, np.float32))
+        return _LayerPlan(fused.llama_layer_decode, positions, head, tail)
 
     def decoder_layer_step(self, plan, x, state, layer):
         """x (1, hidden) through one layer in one compiled call (in place); the token's K and V go
         to state's cache at position state.length (reserved by the caller)."""
-        p = plan
         kp, vp, ks, vs, table = state.layer(layer)
-        p["positions"][0] = state.length
-        self._fused.llama_layer_decode(
-            x[0], p["norms"], p["qk_norms"], p["eps"], *p["mats"], p["biases"], p["positions"], p["inv_freq"],
-            p["rope_scale"], kp, vp, ks, vs, kp.dtype == np.int8, table, p["scale"], p["window"], p["softcap"],
-            p["q"], p["k"], p["v"], p["att"], p["xn"], p["act_h"], p["act_a"], p["act_i"], p["h"])
+        plan.positions[0] = state.length
+        args = (x[0], *plan.head, kp, vp, ks, vs, kp.dtype == np.int8, table, *plan.tail)
+        if plan.entry is None or plan.entry[0] is not kp.dtype:
+            plan.fn(*args)
+            # later calls go straight to the compiled entry point of this signature: the dispatcher
+            # re-derives the 30-odd argument types on every call, ~7 us a layer (benchmarks/dispatch.py)
+            from numba import typeof
+            plan.entry = kp.dtype, plan.fn.overloads[tuple(typeof(a) for a in args)].entry_point
+        else:
+            plan.entry[1](*args)
         return x
-
-    @property
-    def _fused(self):
-        from edgerun.kernels_numba import fused
-        return fused
 
     # ---- elementwise
     def rms_norm(self, x, weight, eps):
@@ -345,6 +345,15 @@ class CPUBackend:
 
 
 _EMPTY = np.zeros(0, np.float32)
+
+
+class _LayerPlan:
+    """CPUBackend.prepare_decoder_layer's result: the kernel, the arguments fixed at load and the
+    compiled entry point once known."""
+    __slots__ = ("fn", "positions", "head", "tail", "entry")
+
+    def __init__(self, fn, positions, head, tail):
+        self.fn, self.positions, self.head, self.tail, self.entry = fn, positions, head, tail, None
 
 
 def _lowbit_args(w) -> tuple[str, tuple]:
