@@ -148,12 +148,18 @@ def _dot8s(w, x0, x1, x2, x3, x4, x5, x6, x7):
 @device
 def _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw):
     """Int8 uint64-word column k of 4 rows against its 8 staged x values (scaled unless per_row)."""
+    return _col8w(qa[k], qb[k], qc[k], qd[k], sa, sb, sc, sd, k, gs, per_row, xs, nw)
+
+
+@device
+def _col8w(wa, wb, wc, wd, sa, sb, sc, sd, k, gs, per_row, xs, nw):
+    """_col8 on words already loaded (the unrolled loop loads all 16 first, so they are in flight together)."""
     x0, x1, x2, x3 = xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k]
     x4, x5, x6, x7 = xs[U32(4) * nw + k], xs[U32(5) * nw + k], xs[U32(6) * nw + k], xs[U32(7) * nw + k]
-    d0 = _dot8s(qa[k], x0, x1, x2, x3, x4, x5, x6, x7)
-    d1 = _dot8s(qb[k], x0, x1, x2, x3, x4, x5, x6, x7)
-    d2 = _dot8s(qc[k], x0, x1, x2, x3, x4, x5, x6, x7)
-    d3 = _dot8s(qd[k], x0, x1, x2, x3, x4, x5, x6, x7)
+    d0 = _dot8s(wa, x0, x1, x2, x3, x4, x5, x6, x7)
+    d1 = _dot8s(wb, x0, x1, x2, x3, x4, x5, x6, x7)
+    d2 = _dot8s(wc, x0, x1, x2, x3, x4, x5, x6, x7)
+    d3 = _dot8s(wd, x0, x1, x2, x3, x4, x5, x6, x7)
     if per_row:
         return d0, d1, d2, d3
     g = (k << U32(3)) >> gs
@@ -170,8 +176,14 @@ def _dot16u(w, x):
 
 @device
 def _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw):
-    """Int4 uint64-word column k of 4 rows: sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x, times the
-    scale (with mins: 16 s (d - sum x) + m sum x)."""
+    """Int4 uint64-word column k of 4 rows (see _col4uw)."""
+    return _col4uw(qa[k], qb[k], qc[k], qd[k], sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
+
+
+@device
+def _col4uw(wa, wb, wc, wd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw):
+    """Int4 words of column k of 4 rows, already loaded: sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x,
+    times the scale (with mins: 16 s (d - sum x) + m sum x)."""
     x = (xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k], xs[U32(4) * nw + k], xs[U32(5) * nw + k],
          xs[U32(6) * nw + k], xs[U32(7) * nw + k], xs[U32(8) * nw + k], xs[U32(9) * nw + k], xs[U32(10) * nw + k],
          xs[U32(11) * nw + k], xs[U32(12) * nw + k], xs[U32(13) * nw + k], xs[U32(14) * nw + k],
@@ -179,7 +191,7 @@ def _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs
     xsum = (((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))) \
         + (((x[8] + x[9]) + (x[10] + x[11])) + ((x[12] + x[13]) + (x[14] + x[15])))
     g = (k << U32(3)) >> hs
-    d0, d1, d2, d3 = _dot16u(qa[k], x), _dot16u(qb[k], x), _dot16u(qc[k], x), _dot16u(qd[k], x)
+    d0, d1, d2, d3 = _dot16u(wa, x), _dot16u(wb, x), _dot16u(wc, x), _dot16u(wd, x)
     c16 = np.float32(16.0)
     if has_mins:
         return (c16 * np.float32(sa[g]) * (d0 - xsum) + np.float32(mins[ra, g]) * xsum,
@@ -296,10 +308,15 @@ def _make_gemv_int8(per_row, split):
         k = U32((w % split) * 32 + lane)
         gs = U32(0 if per_row else gshift)
         while k + U32(3) * step < nw:         # 4 word columns a step: 16 weight loads in flight per lane
-            p0, p1, p2, p3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw)
-            q0, q1, q2, q3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k + step, gs, per_row, xs, nw)
-            u0, u1, u2, u3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k + U32(2) * step, gs, per_row, xs, nw)
-            v0, v1, v2, v3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k + U32(3) * step, gs, per_row, xs, nw)
+            k1, k2, k3 = k + step, k + U32(2) * step, k + U32(3) * step
+            wa0, wb0, wc0, wd0 = qa[k], qb[k], qc[k], qd[k]
+            wa1, wb1, wc1, wd1 = qa[k1], qb[k1], qc[k1], qd[k1]
+            wa2, wb2, wc2, wd2 = qa[k2], qb[k2], qc[k2], qd[k2]
+            wa3, wb3, wc3, wd3 = qa[k3], qb[k3], qc[k3], qd[k3]
+            p0, p1, p2, p3 = _col8w(wa0, wb0, wc0, wd0, sa, sb, sc, sd, k, gs, per_row, xs, nw)
+            q0, q1, q2, q3 = _col8w(wa1, wb1, wc1, wd1, sa, sb, sc, sd, k1, gs, per_row, xs, nw)
+            u0, u1, u2, u3 = _col8w(wa2, wb2, wc2, wd2, sa, sb, sc, sd, k2, gs, per_row, xs, nw)
+            v0, v1, v2, v3 = _col8w(wa3, wb3, wc3, wd3, sa, sb, sc, sd, k3, gs, per_row, xs, nw)
             a0 += (p0 + q0) + (u0 + v0)
             a1 += (p1 + q1) + (u1 + v1)
             a2 += (p2 + q2) + (u2 + v2)
@@ -356,13 +373,15 @@ def _make_gemv_int4(has_mins, split):
         hs = U32(hshift)
         k = U32((w % split) * 32 + lane)
         while k + U32(3) * step < nw:
-            p0, p1, p2, p3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
-            q0, q1, q2, q3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k + step, hs,
-                                    xs, nw)
-            u0, u1, u2, u3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd,
-                                    k + U32(2) * step, hs, xs, nw)
-            v0, v1, v2, v3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd,
-                                    k + U32(3) * step, hs, xs, nw)
+            k1, k2, k3 = k + step, k + U32(2) * step, k + U32(3) * step
+            wa0, wb0, wc0, wd0 = qa[k], qb[k], qc[k], qd[k]
+            wa1, wb1, wc1, wd1 = qa[k1], qb[k1], qc[k1], qd[k1]
+            wa2, wb2, wc2, wd2 = qa[k2], qb[k2], qc[k2], qd[k2]
+            wa3, wb3, wc3, wd3 = qa[k3], qb[k3], qc[k3], qd[k3]
+            p0, p1, p2, p3 = _col4uw(wa0, wb0, wc0, wd0, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
+            q0, q1, q2, q3 = _col4uw(wa1, wb1, wc1, wd1, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k1, hs, xs, nw)
+            u0, u1, u2, u3 = _col4uw(wa2, wb2, wc2, wd2, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k2, hs, xs, nw)
+            v0, v1, v2, v3 = _col4uw(wa3, wb3, wc3, wd3, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k3, hs, xs, nw)
             a0 += (p0 + q0) + (u0 + v0)
             a1 += (p1 + q1) + (u1 + v1)
             a2 += (p2 + q2) + (u2 + v2)
