@@ -5,8 +5,8 @@
 Three numbers:
 1. the cost of one call into a trivial @njit function with 8 array arguments (Numba's dispatcher
    typing the arguments), and with the 7 weight containers a fused layer takes;
-2. calls into compiled code per token: counted by wrapping every kernel the CPU backend reaches
-   (op by op) vs the fused layer path;
+2. calls into compiled code per token: counted through the CPU backend's kernel modules, op by
+   op vs the fused layer path;
 3. one decoder layer for one token, fused (kernels_numba/fused.py) vs op by op, and a whole
    decode step both ways, interleaved; CPU time of this process (one thread), so that other
    work on the machine inflates neither.
@@ -39,28 +39,44 @@ def _per_call_us(fn, *args, n=20000):
     return (time.process_time() - t0) / n * 1e6
 
 
+class _Counting:
+    """A kernel module seen through a proxy that counts the calls made through it."""
+
+    def __init__(self, module, count):
+        self._module, self._count = module, count
+
+    def __getattr__(self, name):
+        f = getattr(self._module, name)
+
+        def counted(*a, **k):
+            self._count[0] += 1
+            return f(*a, **k)
+        return counted
+
+
 def _count_calls(m, token: int) -> int:
-    """Calls into Numba dispatchers during one decode step (every kernel module's functions wrapped)."""
-    import numba.core.registry
-    from edgerun.kernels_numba import fused, linear, ops, paged_attention, simd
+    """Calls from Python into compiled kernels during one decode step: every call the backend
+    makes through its kernel modules, and one per fused layer."""
+    ops = m.ops
     count = [0]
-    saved = []
-    for mod in (linear, ops, paged_attention, fused, simd):
-        for name, f in list(vars(mod).items()):
-            if isinstance(f, numba.core.registry.CPUDispatcher):
-                def wrap(*a, _f=f, **k):
-                    count[0] += 1
-                    return _f(*a, **k)
-                saved.append((mod, name, f))
-                setattr(mod, name, wrap)
+    saved = {name: getattr(ops, name) for name in ("_lin", "_ops", "_attn")}
+    step = ops.decoder_layer_step
+
+    def counted_step(*a, **k):
+        count[0] += 1
+        return step(*a, **k)
     try:
+        for name, mod in saved.items():
+            setattr(ops, name, _Counting(mod, count))
+        ops.decoder_layer_step = counted_step
         st = m.new_state()
         m.step(st, [token, token + 1])
         count[0] = 0
         m.step(st, [token + 2], last_only=True)
     finally:
-        for mod, name, f in saved:
-            setattr(mod, name, f)
+        for name, mod in saved.items():
+            setattr(ops, name, mod)
+        del ops.decoder_layer_step
     return count[0]
 
 
