@@ -9,9 +9,9 @@ row is quantized by absmax (scale 127 / max|x|, round half to even, clip to -128
 once per row (per group for binary). Codes are stored as t + 1 (0, 1, 2), so
 sum(t * x) = sum(code * x) - sum(x): the inner loops are unsigned-by-signed byte products
 that LLVM turns into vpdpbusd (AVX512-VNNI) / vpmaddubsw-class code.
-Sparse kinds take float32 activations (weight-only quantization), except one token against 2:4
-int8 values, which is quantized to int8 per token like the int8/int4 ``_q8`` decode paths. 2:4
-rows are put back in place by AVX512-VBMI2's vpexpandb straight from their position masks.
+Sparse kinds take float32 activations (weight-only quantization), except 2:4 with int8 values,
+whose activations are quantized to int8 per token as for the ternary kinds. 2:4 rows are put
+back in place by AVX512-VBMI2's vpexpandb straight from their position masks.
 
 T == 1 (decode) walks the packed rows directly with prange over rows. T > 1 (prefill): ternary
 and binary run the same row dots for every token over a block of rows that stays in cache; the
@@ -702,30 +702,44 @@ def _dot_24_int(vr, mr, xq, g0, ng):
     return acc
 
 
+@njit(inline="always")
+def _row_24_int(vr, mr, xq, nch, ng, head):
+    """sum(v * xq) of a 2:4 int8 row: vpexpandb over 64 * nch inputs, the rest group by group."""
+    acc = np.int32(0)
+    if nch:
+        acc = np.int32(dot_24_expand(vr, mr, xq, nch) - head)
+    return np.int32(acc + _dot_24_int(vr, mr, xq, nch * 16, ng))
+
+
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def gemm_sparse24(x, vals, meta, scales, out):
     """Sparse24Weight: vals (out, n/2) int8 | f16 bits, meta (out, ceil(n/8)) uint8 (two 4-bit group
     masks a byte, low nibble first), scales (out,) float32 or empty (f16 values).
-    One token against int8 values multiplies int8 activations (per-token absmax, like the ternary
-    kinds and the int8/int4 _q8 decode): vpexpandb + vpdpbusd where the CPU has them."""
+    int8 values multiply int8 activations (per-token absmax, like the ternary kinds; the int8/int4
+    kernels quantize activations too): vpexpandb + vpdpbusd where the CPU has them. float16 values
+    multiply float activations."""
     T, n = x.shape
     rows = vals.shape[0]
     has_scales = scales.shape[0] > 0
     ng = n // 4
-    if T == 1 and is_int8(vals):
+    if is_int8(vals):
         xq, xs, xsum = _quantized(x, n)
-        x0, f = xq[0], xs[0]
         nch = n // 64 if EXPAND else 0
-        head_sum = np.int32(0)                       # 128 * sum(xq) over the vectorised inputs
-        for j in range(nch * 64):
-            head_sum = np.int32(head_sum + x0[j])
-        head_sum = np.int32(head_sum * 128)
-        for r in prange(rows):
-            acc = np.int32(0)
-            if nch:
-                acc = np.int32(dot_24_expand(vals[r], meta[r], x0, nch) - head_sum)
-            acc = np.int32(acc + _dot_24_int(vals[r], meta[r], x0, nch * 16, ng))
-            out[0, r] = np.float32(acc) * f * scales[r]
+        head = np.empty(T, np.int32)                 # 128 * sum(xq) over the vectorised inputs
+        for t in range(T):
+            hs = np.int32(0)
+            for j in range(nch * 64):
+                hs = np.int32(hs + xq[t, j])
+            head[t] = np.int32(hs * 128)
+        if T == 1:
+            for r in prange(rows):
+                out[0, r] = np.float32(_row_24_int(vals[r], meta[r], xq[0], nch, ng, head[0])) * xs[0] * scales[r]
+            return
+        for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):       # rows reused from cache per token
+            r0 = blk * ROW_BLOCK
+            for t in range(T):
+                for r in range(r0, min(r0 + ROW_BLOCK, rows)):
+                    out[t, r] = np.float32(_row_24_int(vals[r], meta[r], xq[t], nch, ng, head[t])) * xs[t] * scales[r]
         return
     if T == 1:
         x0 = x[0]

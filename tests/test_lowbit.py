@@ -134,13 +134,12 @@ def make(kind, params, n, seed=1):
 
 
 def reference(kind, c, x):
-    """The kernel's meaning: int8 activations for ternary/binary and for one token against 2:4 int8
-    values; float activations otherwise."""
+    """The kernel's meaning: int8 activations for ternary, binary and 2:4 int8; float otherwise."""
     if kind in ("ternary", "ternary_b3"):
         return LB.gemm_int8act_ref(x, packed.codec(kind).trits(c), c.scales)
     if kind == "binary":
         return LB.gemm_int8act_ref(x, packed.Binary.signs(c), packed.scales_to_f32(c.scales), c.group)
-    if kind == "sparse24" and x.shape[0] == 1 and c.vals.dtype == np.int8:
+    if kind == "sparse24" and c.vals.dtype == np.int8:
         ints = np.zeros((c.vals.shape[0], c.vals.shape[1] // 2, 4), np.int8)
         np.put_along_axis(ints, packed.Sparse24.positions(c), c.vals.reshape(ints.shape[0], -1, 2), axis=2)
         return LB.gemm_int8act_ref(x, ints.reshape(ints.shape[0], -1), c.scales)
@@ -309,11 +308,11 @@ def test_convert_sparse_end_to_end(capsys, tiny_llama, tmp_path, args, kind, val
             assert d["kind"] not in ("csr", "sparse24"), name
     got = m.forward(IDS)
     err = rel_err(got, dequantized_reference(model, m.file, IDS))
-    assert err < 1e-5, f"{kind}/{values}: rel err {err:.2e} against the pruned weights in transformers"
-    st = m.new_state()                                      # decode (T = 1 kernels) = prefill
-    # one token against 2:4 int8 values multiplies int8-quantized activations
+    # 2:4 int8 multiplies int8-quantized activations: close to the float model, not equal
     tol = 2e-2 if kind == "sparse24" and values == "int8" else 1e-5
-    assert rel_err(np.concatenate([m.step(st, [i]) for i in IDS]), got) < tol
+    assert err < tol, f"{kind}/{values}: rel err {err:.2e} against the pruned weights in transformers"
+    st = m.new_state()                                      # decode (T = 1 kernels) = prefill
+    assert rel_err(np.concatenate([m.step(st, [i]) for i in IDS]), got) < 1e-5
 
 
 def test_convert_mixed_precision_rules(capsys, tiny_llama, tmp_path):
