@@ -18,8 +18,6 @@ and binary run the same row dots for every token over a block of rows that stays
 sparse kinds unpack a block of rows once into a small float buffer reused for every token.
 Inner loops index block-sized slices with the loop counter (never ``base + j``, see linear.py).
 """
-import os
-
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
@@ -119,20 +117,7 @@ def _to_planes(xrow, planes):
 # 32 per instruction on ymm) or AVX2's pmaddubsw + pmaddwd. LLVM does not form them from a loop,
 # so the row loop is emitted as IR here (as kernels_numba/simd.py does for int4/int8).
 
-def _isa() -> str:
-    forced = os.environ.get("EDGERUN_SIMD", "").strip().lower()
-    if forced in ("vnni", "avx2", "generic"):
-        return forced
-    try:
-        f = llvm.get_host_cpu_features()
-    except RuntimeError:
-        return "generic"
-    if f.get("avx512vnni") and f.get("avx512vl") or f.get("avxvnni"):
-        return "vnni"
-    return "avx2" if f.get("avx2") else "generic"
-
-
-ISA = _isa()
+from .simd import ISA  # noqa: E402  one instruction-set choice for every kernel module (EDGERUN_SIMD)
 _FEATURES = {}
 try:
     _FEATURES = llvm.get_host_cpu_features()
@@ -505,7 +490,6 @@ def gemm_binary(x, bits, scales, group, n, out):
     T = x.shape[0]
     rows = bits.shape[0]
     ng = scales.shape[1]
-    gb = group // 8
     xq, xs, xsum = _quantized(x, ng * group)
     gsum = np.empty((T, ng), np.int32)              # per-group sums of the quantized activations
     for t in range(T):
@@ -636,8 +620,8 @@ def dot_24_expand_f16(typingctx, vals, meta, x, nchunks):
     if not all(isinstance(a, types.Array) and a.layout == "C" for a in (vals, meta, x)):
         return None
     sig = types.float32(vals, meta, x, nchunks)
-    f32, v16f32, v32i16 = ir.FloatType(), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_i16, 32)
-    v16h, v32i1 = ir.VectorType(ir.HalfType(), 16), ir.VectorType(ir.IntType(1), 32)
+    v16f32, v32i16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(_i16, 32)
+    v16h = ir.VectorType(ir.HalfType(), 16)
 
     def codegen(context, builder, sig_, args):
         vbase = _data(context, builder, sig_.args[0], args[0])[0]
