@@ -28,6 +28,7 @@ from ._launch import go
 from ._common import BLOCK, F32, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_sum4
 
 GEMV_SPLIT = 1                    # int8/int4 GEMV: warps sharing 4 rows, splitting the inputs (1 measured best)
+MIN_GEMV_BLOCKS = 256             # below this many blocks a GEMV splits its inputs over more warps
 DENSE_ROWS = BLOCK // 32 * 4      # output rows per dense GEMV block: 4 per warp
 RED4 = 4 * BLOCK                  # shared scratch of warp_sum4 (a compile-time constant)
 PART = (BLOCK // 32, 32)          # per-warp partial sums (4 rows + sum of squares); row 0 doubles as block_sum's
@@ -584,6 +585,8 @@ def launch_gemv(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act
     n = x.shape[0]
     rows = fields[0].shape[0]
     split = GEMV_SPLIT
+    while split < SPLITS[-1] and blocks(rows, BLOCK // 32 // split * 4) < MIN_GEMV_BLOCKS:
+        split *= 2                         # few rows (o_proj, down_proj): split the inputs to fill the GPU
     grid = blocks(rows, BLOCK // 32 // split * 4)
     nw = dummy() if norm_w is None else norm_w
     rs = dummy() if res is None else res
