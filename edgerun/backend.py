@@ -73,12 +73,14 @@ class CPUBackend:
             return None
         hidden, nq = norms[0].shape[0], n_heads * head_dim
         inter = (down.q.shape[1] if isinstance(down, Int8Weight) else
-                 down.qs.shape[1] * 2 if isinstance(down, Int4Weight) else down.w.shape[1])
+                 down.qs.shape[1] * 2 if isinstance(down, Int4Weight) else
+                 down.n if hasattr(down, "n") else down.w.shape[1])
         if any(m is None for m in mats) or hidden % BLOCK or nq % BLOCK or inter % BLOCK:
             return None
+        ternary = any(isinstance(m, fused.TernaryRows) for m in mats)
 
         def act(n):
-            return np.empty(n, np.int8), np.empty(n // BLOCK, np.float32), np.empty(n // BLOCK, np.float32)
+            return fused.activations(n, ternary)
 
         e = np.zeros(0, np.float32)
         positions = np.zeros(1, np.int64)

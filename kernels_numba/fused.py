@@ -13,8 +13,8 @@ the passes over memory that fusion saves are saved too:
 - scratch buffers come from the caller (allocated once per layer at load): the decode loop
   allocates nothing.
 
-Weights are the packed containers (Int8Weight named tuples as they are; Int4Rows, F32Rows,
-F16Rows, BF16Rows wrappers made by rows_of); ``row_dot`` picks each kind's row
+Weights are the packed containers (Int8Weight named tuples as they are; Int4Rows, TernaryRows,
+F32Rows, F16Rows, BF16Rows wrappers made by rows_of); ``row_dot`` picks each kind's row
 kernel at compile time, so a layer with mixed kinds compiles once for its combination.
 """
 from __future__ import annotations
@@ -25,11 +25,12 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from edgerun.packed import DenseWeight, Int4Weight, Int8Weight
+from edgerun.packed import DenseWeight, Int4Weight, Int8Weight, TernaryWeight
 
 from ._common import FASTMATH, JIT
 from .ops import rms_norm_heads, rope
 from .paged_attention import paged_attention, store_kv_paged, store_kv_paged_int8
+from .lowbit import KB, TB, _to_planes, dot_t2_simd, quantize_rows_int8
 from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int8_row, quantize_act
 
 
@@ -42,6 +43,14 @@ class Int4Rows(NamedTuple):
     mins: np.ndarray
     has_mins: bool
     group: int
+
+
+class TernaryRows(NamedTuple):
+    """A TernaryWeight (2-bit codes, BitNet b1.58) for row_dot: step is 1 with a scale per row, 0
+    with one per tensor, so that the row's scale is scales[row * step] without a branch."""
+    codes: np.ndarray
+    scales: np.ndarray
+    step: int
 
 
 class F32Rows(NamedTuple):
@@ -61,6 +70,8 @@ def rows_of(c):
     kind has no row kernel here or the shape does not suit int8 activations."""
     if isinstance(c, DenseWeight):
         return {"f32": F32Rows, "f16": F16Rows, "bf16": BF16Rows}[c.dtype](c.w) if c.w.ndim == 2 else None
+    if isinstance(c, TernaryWeight):
+        return TernaryRows(c.codes, c.scales, int(c.scales.shape[0] > 1))
     n = c.qs.shape[1] * 2 if isinstance(c, Int4Weight) else getattr(c, "q", np.empty((0, 0))).shape[1]
     if isinstance(c, Int4Weight) and n % BLOCK == 0 and c.group % BLOCK == 0:
         has_mins = c.mins.shape[0] > 0
@@ -79,29 +90,54 @@ def _dot_f32(a, b):
     return acc
 
 
-def row_dot(w_, row_, x_, xq_, xs_, xsum_):
-    """Row row_ of weight w_ times the activations: x (float32) for dense kinds, (xq, xs, xsum)
-    (simd.quantize_act of x) for int8 and int4."""
+def row_dot(w_, row_, x_, a_):
+    """Row row_ of weight w_ times the activations: x_ (float32) for dense kinds; a_ = the
+    quantized forms made by quantize_both: (xq, xs, xsum) per block of 32 (simd.quantize_act) for
+    int8 and int4, then (xq, scale, sum) per token and xq in code order (lowbit) for ternary."""
     raise NotImplementedError
 
 
 @overload(row_dot, jit_options=JIT, inline="always")
-def _row_dot(w_, row_, x_, xq_, xs_, xsum_):
-    # inlined at the Numba IR level (a call per row measured 3x slower); parameter names are
-    # distinct from the callers' loop variables, which an inlined assignment would overwrite
+def _row_dot(w_, row_, x_, a_):
+    # inlined at the Numba IR level (a call per row measured 3x slower); no conditionals or loops
+    # in the bodies (they trip the parfor pass when inlined), parameter names distinct from the
+    # callers' loop variables, which an inlined assignment would overwrite
     cls = getattr(w_, "instance_class", None)
     if cls is Int4Rows:
-        return lambda w_, row_, x_, xq_, xs_, xsum_: dot_int4_row(
-            w_.qs[row_], w_.scales[row_], w_.mins[row_], w_.has_mins, xq_, xs_, xsum_, w_.group)
+        return lambda w_, row_, x_, a_: dot_int4_row(
+            w_.qs[row_], w_.scales[row_], w_.mins[row_], w_.has_mins, a_[0], a_[1], a_[2], w_.group)
     if cls is Int8Weight:
-        return lambda w_, row_, x_, xq_, xs_, xsum_: dot_int8_row(w_.q[row_], w_.scales[row_], xq_, xs_, xsum_, w_.group)
+        return lambda w_, row_, x_, a_: dot_int8_row(w_.q[row_], w_.scales[row_], a_[0], a_[1], a_[2], w_.group)
+    if cls is TernaryRows:
+        return lambda w_, row_, x_, a_: (np.float32(dot_t2_simd(w_.codes[row_], a_[6][0], a_[6][1], a_[6][2],
+                                                                a_[6][3]) - a_[5][0])
+                                         * a_[4][0] * w_.scales[row_ * w_.step])
     if cls is F16Rows:
-        return lambda w_, row_, x_, xq_, xs_, xsum_: dot_half_row(w_.w[row_], x_, False)
+        return lambda w_, row_, x_, a_: dot_half_row(w_.w[row_], x_, False)
     if cls is BF16Rows:
-        return lambda w_, row_, x_, xq_, xs_, xsum_: dot_half_row(w_.w[row_], x_, True)
+        return lambda w_, row_, x_, a_: dot_half_row(w_.w[row_], x_, True)
     if cls is F32Rows:
-        return lambda w_, row_, x_, xq_, xs_, xsum_: _dot_f32(w_.w[row_], x_)
+        return lambda w_, row_, x_, a_: _dot_f32(w_.w[row_], x_)
     return None
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def quantize_both(x, a):
+    """x (n,) -> a's quantized forms: per block of 32 always; per token in code order only when
+    the layer has ternary rows (a[6] not empty)."""
+    quantize_act(x, a[0], a[1], a[2])
+    if a[6].shape[1]:
+        quantize_rows_int8(x.reshape((1, x.shape[0])), a[3], a[4], a[5])
+        _to_planes(a[3][0], a[6])
+
+
+def activations(n: int, ternary: bool):
+    """Scratch for quantize_both of an n-vector."""
+    nb = n // BLOCK
+    npad = -(-n // TB) * TB if ternary else 0
+    return (np.empty(n, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32),
+            np.zeros((1, npad), np.int8), np.empty(1, np.float32), np.empty(1, np.int32),
+            np.empty((4, npad // 4), np.int8))
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -126,7 +162,7 @@ def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, bias
     empty; biases: (q, k, v, o) biases or empty arrays. positions (1,) int64: this token's
     position (also where its K and V go). kp, vp, ks, vs, table: the layer's paged KV cache
     (edgerun/cache/paged.py; int8 when quantized). Scratch: q (1, H, d), k and v (1, Hk, d),
-    att (1, H, d), xn (hidden,), act_* = (xq, xs, xsum) for the hidden, attention and MLP widths,
+    att (1, H, d), xn (hidden,), act_* = activations() for the hidden, attention and MLP widths,
     h (inter,)."""
     H, d = q.shape[1], q.shape[2]
     Hk = k.shape[1]
@@ -135,16 +171,16 @@ def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, bias
     bq, bk, bv, bo = biases
     # ---- attention: norm -> int8 once -> Q, K, V rows in one loop
     _norm_into(x, norms[0], eps, xn)
-    quantize_act(xn, act_h[0], act_h[1], act_h[2])
+    quantize_both(xn, act_h)
     for i in prange(nq + 2 * nk):
         if i < nq:
-            qf[i] = row_dot(wq, i, xn, act_h[0], act_h[1], act_h[2]) + (bq[i] if bq.shape[0] else np.float32(0.0))
+            qf[i] = row_dot(wq, i, xn, act_h) + (bq[i] if bq.shape[0] else np.float32(0.0))
         elif i < nq + nk:
             r = i - nq
-            kf[r] = row_dot(wk, r, xn, act_h[0], act_h[1], act_h[2]) + (bk[r] if bk.shape[0] else np.float32(0.0))
+            kf[r] = row_dot(wk, r, xn, act_h) + (bk[r] if bk.shape[0] else np.float32(0.0))
         else:
             r = i - nq - nk
-            vf[r] = row_dot(wv, r, xn, act_h[0], act_h[1], act_h[2]) + (bv[r] if bv.shape[0] else np.float32(0.0))
+            vf[r] = row_dot(wv, r, xn, act_h) + (bv[r] if bv.shape[0] else np.float32(0.0))
     if qk_norms[0].shape[0]:
         rms_norm_heads(q, qk_norms[0], eps)
         rms_norm_heads(k, qk_norms[1], eps)
@@ -158,16 +194,16 @@ def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, bias
     paged_attention(q, kp, vp, ks, vs, quantized, table, start, scale, window, softcap, att)
     # ---- output projection, residual added in place
     af = att.reshape(nq)
-    quantize_act(af, act_a[0], act_a[1], act_a[2])
+    quantize_both(af, act_a)
     for r in prange(x.shape[0]):
-        x[r] += row_dot(wo, r, af, act_a[0], act_a[1], act_a[2]) + (bo[r] if bo.shape[0] else np.float32(0.0))
+        x[r] += row_dot(wo, r, af, act_a) + (bo[r] if bo.shape[0] else np.float32(0.0))
     # ---- MLP: norm -> int8 once -> gate and up rows together, SiLU(gate) * up -> down (+ residual)
     _norm_into(x, norms[1], eps, xn)
-    quantize_act(xn, act_h[0], act_h[1], act_h[2])
+    quantize_both(xn, act_h)
     for r in prange(h.shape[0]):
-        g = row_dot(wg, r, xn, act_h[0], act_h[1], act_h[2])
-        u = row_dot(wu, r, xn, act_h[0], act_h[1], act_h[2])
+        g = row_dot(wg, r, xn, act_h)
+        u = row_dot(wu, r, xn, act_h)
         h[r] = g / (np.float32(1.0) + np.exp(-g)) * u
-    quantize_act(h, act_i[0], act_i[1], act_i[2])
+    quantize_both(h, act_i)
     for r in prange(x.shape[0]):
-        x[r] += row_dot(wd, r, h, act_i[0], act_i[1], act_i[2])
+        x[r] += row_dot(wd, r, h, act_i)

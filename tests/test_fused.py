@@ -84,6 +84,16 @@ def test_fused_packed_kinds_within_activation_quantization(case, quant, group):
     assert err_fused < ACT_Q8_TOL and err_opb < ACT_Q8_TOL
 
 
+def test_fused_ternary_equals_op_by_op(case):
+    """Ternary (BitNet b1.58 2-bit) rows in the fused layer quantize activations per token exactly
+    as the op-by-op kernels do: the same logits to float tolerance."""
+    name, model, d = case
+    m = convert_and_load(d, "ternary")
+    assert all(layer.fused is not None for layer in m.model.layers)
+    got, ref = steps(m, IDS), steps(unfused(m), IDS)
+    assert rel_err(got, ref) < SAME_TOL, f"{name}: fused ternary vs op by op {rel_err(got, ref):.3g}"
+
+
 def test_fused_int8_kv_cache(hf_dir_factory):
     cls, cfg = CASES["llama-gqa"]
     model, d = hf_dir_factory(cls, **cfg)
