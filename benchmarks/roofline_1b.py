@@ -9,8 +9,9 @@ The embedding table and the head are int8 in every variant (as BitNet keeps them
 layer matrices are KIND.
 
 In one process, interleaved by round (int8, int4, ternary, int8, ...): decode --gen tokens after
-a 32-token prompt, and the streaming-read bandwidth (edgerun.bench.memory_bandwidth) before
-every round. Roofline ratio = decode tok/s x bytes read per token / bandwidth (medians).
+a 32-token prompt, and the streaming-read bandwidth (edgerun.bench.memory_bandwidth: the best of
+anonymous memory and the three models' own mapped weights) before every round. Roofline ratio =
+decode tok/s x bytes read per token / that round's bandwidth (median over rounds).
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def main(argv=None):
               flush=True)
     bw, dec = [], {k: [] for k in models}
     for r in range(a.rounds):
-        bw.append(memory_bandwidth(a.threads))
+        bw.append(memory_bandwidth(a.threads, repeats=3, also=[m.file.data for m in models.values()]))
         for kind, m in models.items():
             dec[kind].append(decode_tok_s(m, a.gen, r + 1))
     band = statistics.median(bw)
@@ -126,10 +127,13 @@ def main(argv=None):
     for kind, m in models.items():
         per_token = bytes_per_token(m)
         tok_s = statistics.median(dec[kind])
+        # the machine drifts by tens of percent between rounds: each round's decode against the
+        # bandwidth measured just before it, then the median of those ratios
+        ratio = statistics.median(d * per_token / b for d, b in zip(dec[kind], bw))
         rows.append({"kind": kind, "decode_tok_s": tok_s, "decode_all": dec[kind], "bytes_per_token": per_token,
-                     "roofline_tok_s": band / per_token, "roofline_ratio": tok_s * per_token / band})
+                     "roofline_tok_s": band / per_token, "roofline_ratio": ratio})
         print(f"{kind:8s} decode {tok_s:6.2f} tok/s  {per_token / 2**20:7.1f} MiB/token  roofline {band / per_token:6.2f} "
-              f"tok/s  -> {100 * tok_s * per_token / band:4.0f}% of it", flush=True)
+              f"tok/s  -> {100 * ratio:4.0f}% of it (median of per-round ratios)", flush=True)
     speed = {r["kind"]: r["decode_tok_s"] for r in rows}
     if "ternary" in speed and "int4" in speed:
         print(f"ternary / int4 decode: {speed['ternary'] / speed['int4']:.2f}x")

@@ -47,23 +47,29 @@ def _jit_times(model: str, threads) -> dict:
     return out
 
 
-def memory_bandwidth(threads: int | None = None, mib: int = 512, repeats: int = 7) -> float:
+def memory_bandwidth(threads: int | None = None, mib: int = 512, repeats: int = 7, also=()) -> float:
     """Streaming-read bandwidth in bytes/s: the median over repeats of one parallel pass summing a
-    buffer of `mib` MiB (far larger than the caches), with the kernels' thread count."""
+    buffer of `mib` MiB (far larger than the caches), with the kernels' thread count. `also`:
+    more buffers to stream (a model's own memory-mapped weights: with huge pages under the file
+    mapping they read faster than anonymous memory here); the best of all is returned."""
     import numba
     import numpy as np
 
     from edgerun.kernels_numba.ops import stream_sum
     if threads:
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    buf = np.ones(mib * 2**20 // 8, np.float64)       # pages committed here, not while timing
-    stream_sum(buf[:4096])
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        stream_sum(buf)
-        times.append(time.perf_counter() - t0)
-    return buf.nbytes / statistics.median(times)
+    best = 0.0
+    for b in (np.ones(mib * 2**20 // 8, np.float64), *also):      # np.ones: pages committed now
+        b = np.asarray(b)
+        b = b.reshape(-1).view(np.uint8)[:b.nbytes // 4096 * 4096].view(np.float64)
+        stream_sum(b[:4096])
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            stream_sum(b)
+            times.append(time.perf_counter() - t0)
+        best = max(best, b.nbytes / statistics.median(times))
+    return best
 
 
 def bytes_per_token(m) -> int:
@@ -115,7 +121,7 @@ def bench(model: str, threads: int | None = None, prompt_tokens: int = 128, gen_
         decode.append(gen_tokens / (time.perf_counter() - t0))
     weight_bytes = int(m.file.data.nbytes)
     per_token = bytes_per_token(m)
-    bandwidth = memory_bandwidth(threads)
+    bandwidth = memory_bandwidth(threads, also=(m.file.data,))
     decode_med = statistics.median(decode)
     r = {
         "model": path, "arch": m.file.arch, "quant": m.file.extra.get("quant"),
