@@ -30,9 +30,11 @@ if "numba.cuda" not in sys.modules and not _cuda_driver_present():
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (pip install 'edgerun[cuda]')")
-
-from numba import cuda  # noqa: E402
-from numba.cuda.core import config as cuda_config  # noqa: E402
+try:
+    from numba import cuda
+    from numba.cuda.core import config as cuda_config
+except Exception as e:      # numba-cuda 0.30 does not import with numpy >= 2.5 (np.row_stack is gone)
+    pytest.skip(f"numba-cuda does not import here: {type(e).__name__}: {e}", allow_module_level=True)
 
 from edgerun.packed import CODECS  # noqa: E402
 from edgerun.kernels_numba import linear as cpu_lin, ops as cpu_ops, paged_attention as cpu_attn  # noqa: E402
