@@ -183,22 +183,28 @@ def cpu_name() -> str:
 
 
 def chart(report: dict, path: Path) -> None:
+    """Grouped bars per quant type (edgerun, llama.cpp); transformers (float32, one run) as a line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = report["results"]
-    quants = list(dict.fromkeys(r["quant"] for r in rows))
-    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    peers = [r for r in rows if r["runtime"] != "transformers"]
+    torch_row = next((r for r in rows if r["runtime"] == "transformers"), None)
+    quants = list(dict.fromkeys(r["quant"] for r in peers))
+    runtimes = list(dict.fromkeys(r["runtime"] for r in peers))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.8 / len(runtimes)
     for ax, metric, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
         for i, rt in enumerate(runtimes):
-            vals = [next((r[metric] for r in rows if r["quant"] == q and r["runtime"] == rt), 0) for q in quants]
+            vals = [next((r[metric] for r in peers if r["quant"] == q and r["runtime"] == rt), 0) for q in quants]
             bars = ax.bar([k + i * width for k in range(len(quants))], vals, width, label=rt)
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        if torch_row:
+            ax.axhline(torch_row[metric], color="gray", linestyle="--", linewidth=1,
+                       label=f"transformers f32 ({torch_row[metric]:.0f})")
         ax.set_xticks([k + width * (len(runtimes) - 1) / 2 for k in range(len(quants))], quants)
         ax.set_title(f"SmolLM2-135M {title}, tokens/s ({report['threads']} threads)")
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
     fig.text(0.5, 0.01, f"{report['cpu']}; medians of {report['rounds']} interleaved rounds; "
              f"python benchmarks/peer_bench.py", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
