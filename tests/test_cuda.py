@@ -278,7 +278,9 @@ def _logits_match(hf_dir_factory, arch, quant, cfg, prompt_len=5, steps=2):
         check(gpu.step(st_g, [t]), cpu.step(st_c, [t]), 1e-3, f"{arch} {quant} decode logits")
 
 
-@pytest.mark.parametrize("arch,quant,cfg", MODELS, ids=[f"{a}-{q}" for a, q, _ in MODELS])
+# under the simulator a whole model takes 4-5 minutes on 2 cores: there it is a slow test (-m slow)
+@pytest.mark.parametrize("arch,quant,cfg", [pytest.param(*m, id=f"{m[0]}-{m[1]}", marks=[pytest.mark.slow] if SIM else [])
+                                            for m in MODELS])
 def test_model_logits_gpu_equal_cpu(hf_dir_factory, arch, quant, cfg):
     """Prefill (tiled GEMM path) and one-token steps (the recorded decode plan) against the CPU."""
     _logits_match(hf_dir_factory, arch, quant, cfg, prompt_len=3, steps=2)
