@@ -132,6 +132,19 @@ class RecurrentState:
         self._ring_pos = [p if p <= target else -1 for p in self._ring_pos]
 
 
+def run_in_chunks(run, ids: np.ndarray, state: RecurrentState, last_only: bool, chunk: int) -> np.ndarray:
+    """A recurrent model's step: ids through run(ids, state, last_only) in pieces of at most chunk
+    tokens (exact for a recurrence; activations stay (chunk, width)), then one state checkpoint.
+    -> logits (T, vocab), or the last token's (1, vocab) if last_only."""
+    if ids.shape[0] > chunk:
+        outs = [run(ids[i:i + chunk], state, last_only) for i in range(0, ids.shape[0], chunk)]
+        out = outs[-1] if last_only else np.concatenate(outs)
+    else:
+        out = run(ids, state, last_only)
+    state.checkpoint()
+    return out
+
+
 def load_state(path: str | os.PathLike, model) -> RecurrentState:
     """A new state of ``model`` restored from ``path`` (edgerun.load_state)."""
     st = model.new_state()

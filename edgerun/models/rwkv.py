@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..cache import RecurrentState
+from ..cache.recurrent import run_in_chunks
 
 ARCHITECTURES = ("RwkvForCausalLM", "Rwkv5ForCausalLM", "Rwkv6ForCausalLM", "Rwkv7ForCausalLM")
 MODEL_TYPES = ("rwkv", "rwkv4", "rwkv5", "rwkv6", "rwkv7")
@@ -269,14 +270,7 @@ class Model:
 
     def __call__(self, ids: np.ndarray, state: RecurrentState, last_only: bool = False) -> np.ndarray:
         """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only."""
-        n = self.PREFILL_CHUNK
-        if ids.shape[0] > n:
-            outs = [self._run(ids[i:i + n], state, last_only) for i in range(0, ids.shape[0], n)]
-            state.checkpoint()
-            return outs[-1] if last_only else np.concatenate(outs)
-        out = self._run(ids, state, last_only)
-        state.checkpoint()
-        return out
+        return run_in_chunks(self._run, ids, state, last_only, self.PREFILL_CHUNK)
 
     def _run(self, ids, state, last_only):
         ops, a = self.ops, self.args

@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ..cache import RecurrentState
+from ..cache.recurrent import run_in_chunks
 from ..errors import ModelFileError
 from .mamba import UNBOUNDED_CONTEXT, Scratch, f32
 
@@ -225,14 +226,7 @@ class Model:
 
     def __call__(self, ids: np.ndarray, state: RecurrentState, last_only: bool = False) -> np.ndarray:
         """ids (T,) int64 appended to state -> logits (T, vocab) float32, or (1, vocab) if last_only."""
-        n = self.PREFILL_CHUNK
-        if ids.shape[0] > n:
-            outs = [self._run(ids[i:i + n], state, last_only) for i in range(0, ids.shape[0], n)]
-            out = outs[-1] if last_only else np.concatenate(outs)
-        else:
-            out = self._run(ids, state, last_only)
-        state.checkpoint()
-        return out
+        return run_in_chunks(self._run, ids, state, last_only, self.PREFILL_CHUNK)
 
     def _run(self, ids, state, last_only):
         ops, a = self.ops, self.args
