@@ -1,6 +1,6 @@
 """Decode of a ~1B-parameter Llama shape against the memory-bandwidth roofline, per packed kind.
 
-    python benchmarks/roofline_1b.py [--kinds int8 int4 ternary] [--threads 2] [--rounds 5]
+    python benchmarks/roofline_1b.py [--kinds int8 int4 ternary sparse24] [--threads 2] [--rounds 5]
 
 The model is Llama-3.2-1B-like (hidden 2048, 16 layers, MLP 8192, 32 query / 8 KV heads) with
 SmolLM2's 49152-token vocabulary and tokenizer: 1.17B parameters, random weights made here (the
@@ -50,6 +50,13 @@ def random_packed(kind: str, rows: int, cols: int, rng):
         codes = t[0] | (t[1] << 2) | (t[2] << 4) | (t[3] << 6)
         return PackedTensor("ternary", (rows, cols), {"n": cols, "per_row": False},
                             {"codes": codes, "scales": np.array([std / 0.82], np.float32)})
+    if kind == "sparse24":     # 2:4 int8 values: two kept of every four inputs, 4-bit masks (packed.Sparse24Weight)
+        masks = np.array([3, 5, 6, 9, 10, 12], np.uint8)
+        nib = masks[rng.integers(0, 6, (rows, cols // 4))]
+        return PackedTensor("sparse24", (rows, cols), {"values": "int8"},
+                            {"vals": rng.integers(-127, 128, (rows, cols // 2), dtype=np.int8),
+                             "meta": nib[:, 0::2] | (nib[:, 1::2] << 4),
+                             "scales": (rng.uniform(0.5, 1.5, rows) * std / 73 * np.sqrt(2)).astype(np.float32)})
     raise ValueError(kind)
 
 
@@ -100,7 +107,7 @@ def decode_tok_s(m, gen: int, seed: int) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", nargs="+", default=["int8", "int4", "ternary"])
+    ap.add_argument("--kinds", nargs="+", default=["int8", "int4", "ternary", "sparse24"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--gen", type=int, default=32)
@@ -137,6 +144,8 @@ def main(argv=None):
     speed = {r["kind"]: r["decode_tok_s"] for r in rows}
     if "ternary" in speed and "int4" in speed:
         print(f"ternary / int4 decode: {speed['ternary'] / speed['int4']:.2f}x")
+    if "sparse24" in speed and "int8" in speed:
+        print(f"2:4 int8 / dense int8 decode: {speed['sparse24'] / speed['int8']:.2f}x")
     print(f"bandwidth {band / 1e9:.1f} GB/s (median of {a.rounds}, {a.threads} threads, streaming read)")
     a.out.write_text(json.dumps({"bench": "roofline_1b", "shape": SHAPE, "threads": a.threads, "rounds": a.rounds,
                                  "gen_tokens": a.gen, "bandwidth_gb_s": band / 1e9, "bandwidth_all": bw,

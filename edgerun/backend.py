@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import EdgerunError, InputError
-from .packed import DenseWeight, Int4Weight, Int8Weight
+from .packed import DenseWeight, Int4Weight, Int8Weight, Sparse24Weight
 
 
 class CPUBackend:
@@ -74,13 +74,14 @@ class CPUBackend:
         hidden, nq = norms[0].shape[0], n_heads * head_dim
         inter = (down.q.shape[1] if isinstance(down, Int8Weight) else
                  down.qs.shape[1] * 2 if isinstance(down, Int4Weight) else
+                 down.vals.shape[1] * 2 if isinstance(down, Sparse24Weight) else
                  down.n if hasattr(down, "n") else down.w.shape[1])
         if any(m is None for m in mats) or hidden % BLOCK or nq % BLOCK or inter % BLOCK:
             return None
-        ternary = any(isinstance(m, fused.TernaryRows) for m in mats)
+        per_token = any(isinstance(m, (fused.TernaryRows, fused.Sparse24Rows)) for m in mats)
 
         def act(n):
-            return fused.activations(n, ternary)
+            return fused.activations(n, per_token)
 
         e = np.zeros(0, np.float32)
         positions = np.zeros(1, np.int64)

@@ -25,12 +25,12 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from edgerun.packed import DenseWeight, Int4Weight, Int8Weight, TernaryWeight
+from edgerun.packed import DenseWeight, Int4Weight, Int8Weight, Sparse24Weight, TernaryWeight
 
 from ._common import FASTMATH, JIT
 from .ops import rms_norm_heads, rope
 from .paged_attention import paged_attention, store_kv_paged, store_kv_paged_int8
-from .lowbit import KB, TB, _to_planes, dot_t2_simd, quantize_rows_int8
+from .lowbit import EXPAND, KB, TB, _to_planes, dot_24_expand, dot_t2_simd, quantize_rows_int8
 from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int8_row, quantize_act
 
 
@@ -53,6 +53,15 @@ class TernaryRows(NamedTuple):
     step: int
 
 
+class Sparse24Rows(NamedTuple):
+    """A Sparse24Weight with int8 values whose rows are whole 64-input chunks for vpexpandb
+    (nch = in / 64): its row dot takes the per-token int8 activations, as gemm_sparse24 does."""
+    vals: np.ndarray
+    meta: np.ndarray
+    scales: np.ndarray
+    nch: int
+
+
 class F32Rows(NamedTuple):
     w: np.ndarray          # float32 (out, in)
 
@@ -72,6 +81,10 @@ def rows_of(c):
         return {"f32": F32Rows, "f16": F16Rows, "bf16": BF16Rows}[c.dtype](c.w) if c.w.ndim == 2 else None
     if isinstance(c, TernaryWeight):
         return TernaryRows(c.codes, c.scales, int(c.scales.shape[0] > 1))
+    if isinstance(c, Sparse24Weight):
+        n = c.vals.shape[1] * 2
+        ok = EXPAND and c.vals.dtype == np.int8 and n % 64 == 0
+        return Sparse24Rows(c.vals, c.meta, c.scales, n // 64) if ok else None
     n = c.qs.shape[1] * 2 if isinstance(c, Int4Weight) else getattr(c, "q", np.empty((0, 0))).shape[1]
     if isinstance(c, Int4Weight) and n % BLOCK == 0 and c.group % BLOCK == 0:
         has_mins = c.mins.shape[0] > 0
@@ -93,7 +106,8 @@ def _dot_f32(a, b):
 def row_dot(w_, row_, x_, a_):
     """Row row_ of weight w_ times the activations: x_ (float32) for dense kinds; a_ = the
     quantized forms made by quantize_both: (xq, xs, xsum) per block of 32 (simd.quantize_act) for
-    int8 and int4, then (xq, scale, sum) per token and xq in code order (lowbit) for ternary."""
+    int8 and int4, then (xq, scale, sum) per token (ternary, 2:4) and xq in code order (lowbit) for
+    ternary."""
     raise NotImplementedError
 
 
@@ -112,6 +126,9 @@ def _row_dot(w_, row_, x_, a_):
         return lambda w_, row_, x_, a_: (np.float32(dot_t2_simd(w_.codes[row_], a_[6][0], a_[6][1], a_[6][2],
                                                                 a_[6][3]) - a_[5][0])
                                          * a_[4][0] * w_.scales[row_ * w_.step])
+    if cls is Sparse24Rows:       # dot_24_expand adds 128 * sum(xq) (its weights are made unsigned)
+        return lambda w_, row_, x_, a_: (np.float32(dot_24_expand(w_.vals[row_], w_.meta[row_], a_[3][0], w_.nch)
+                                                    - np.int32(128) * a_[5][0]) * a_[4][0] * w_.scales[row_])
     if cls is F16Rows:
         return lambda w_, row_, x_, a_: dot_half_row(w_.w[row_], x_, False)
     if cls is BF16Rows:
@@ -123,18 +140,18 @@ def _row_dot(w_, row_, x_, a_):
 
 @njit(fastmath=FASTMATH, **JIT)
 def quantize_both(x, a):
-    """x (n,) -> a's quantized forms: per block of 32 always; per token in code order only when
-    the layer has ternary rows (a[6] not empty)."""
+    """x (n,) -> a's quantized forms: per block of 32 always; per token (and in code order) only
+    when the layer has ternary or 2:4 rows (a[6] not empty)."""
     quantize_act(x, a[0], a[1], a[2])
     if a[6].shape[1]:
         quantize_rows_int8(x.reshape((1, x.shape[0])), a[3], a[4], a[5])
         _to_planes(a[3][0], a[6])
 
 
-def activations(n: int, ternary: bool):
-    """Scratch for quantize_both of an n-vector."""
+def activations(n: int, per_token: bool):
+    """Scratch for quantize_both of an n-vector; per_token: the layer has ternary or 2:4 rows."""
     nb = n // BLOCK
-    npad = -(-n // TB) * TB if ternary else 0
+    npad = -(-n // TB) * TB if per_token else 0
     return (np.empty(n, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32),
             np.zeros((1, npad), np.int8), np.empty(1, np.float32), np.empty(1, np.int32),
             np.empty((4, npad // 4), np.int8))

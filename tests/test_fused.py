@@ -94,6 +94,24 @@ def test_fused_ternary_equals_op_by_op(case):
     assert rel_err(got, ref) < SAME_TOL, f"{name}: fused ternary vs op by op {rel_err(got, ref):.3g}"
 
 
+def test_fused_sparse24_equals_op_by_op(hf_dir_factory):
+    """2:4 int8 rows (vpexpandb) in the fused layer quantize activations per token as
+    gemm_sparse24 does: the same logits as op by op; inputs that are whole 64-wide chunks fuse."""
+    from edgerun.converters import convert
+    from edgerun.kernels_numba.lowbit import EXPAND
+    model, d = hf_dir_factory("LlamaForCausalLM", name="sparse24", hidden_size=128, intermediate_size=192,
+                              num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+    out = d.parent / "sparse24.edr"
+    convert(d, out, quant="int8", sparsity_pattern="2:4", progress=False)
+    m = edgerun.load(out)
+    if not EXPAND:
+        assert all(layer.fused is None for layer in m.model.layers)
+        pytest.skip("no AVX-512 VBMI2 here: 2:4 layers go op by op")
+    assert all(layer.fused is not None for layer in m.model.layers)
+    got, ref = steps(m, IDS), steps(unfused(m), IDS)
+    assert rel_err(got, ref) < SAME_TOL, f"fused 2:4 vs op by op {rel_err(got, ref):.3g}"
+
+
 def test_fused_int8_kv_cache(hf_dir_factory):
     cls, cfg = CASES["llama-gqa"]
     model, d = hf_dir_factory(cls, **cfg)
