@@ -1,0 +1,151 @@
+"""CUDA kernels of the recurrent families (kernels_cuda/ssm.py, wkv.py, xlstm.py) against their NumPy
+references and the CPU kernels, and the device runner (edgerun/runner_cuda_recurrent.py): GPU logits
+equal the CPU backend's for Mamba, Mamba-2, RWKV v4-v7 and both xLSTM layouts.
+
+Without a GPU the kernel tests run under the CUDA simulator (as tests/test_cuda.py sets up) on tiny,
+awkward shapes; whole models run only on a GPU (marker ``gpu``):
+``pytest tests/test_cuda_recurrent.py -m "gpu or not gpu"``.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _cuda_driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+if "numba.cuda" not in sys.modules and not _cuda_driver_present():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (pip install 'edgerun[cuda]')")
+try:
+    from numba import cuda
+    from numba.cuda.core import config as cuda_config
+except Exception as e:      # numba-cuda 0.30 does not import with numpy >= 2.5
+    pytest.skip(f"numba-cuda does not import here: {type(e).__name__}: {e}", allow_module_level=True)
+
+SIM = bool(cuda_config.ENABLE_CUDASIM)
+if not SIM and not cuda.is_available():
+    pytest.skip("a CUDA driver is present but no usable GPU", allow_module_level=True)
+
+from edgerun.kernels_numba import ssm as cpu_ssm, wkv as cpu_wkv, xlstm as cpu_xl  # noqa: E402
+from edgerun.kernels_cuda import ssm as g_ssm, wkv as g_wkv, xlstm as g_xl  # noqa: E402
+
+rng = np.random.default_rng(11)
+
+
+def dev(a):
+    return cuda.to_device(np.ascontiguousarray(a, np.float32) if np.asarray(a).dtype == np.float64 else
+                          np.ascontiguousarray(a))
+
+
+def host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def check(got, ref, tol, what):
+    got = host(got).astype(np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    err = np.abs(got - ref)
+    scale = max(np.abs(ref).max(), 1e-30)
+    assert err.max() <= tol * scale, \
+        f"{what}: max err {err.max():.3g} (rel {err.max() / scale:.3g}), mean {err.mean():.3g}"
+
+
+def f(*shape, s=1.0):
+    return (rng.standard_normal(shape) * s).astype(np.float32)
+
+
+TOL = 2e-5
+
+
+# ------------------------------------------------------------------ Mamba: conv, selective scan, SSD
+
+@pytest.mark.parametrize("T,C,K,bias", [(1, 37, 4, True), (5, 70, 3, False), (2, 33, 4, True)])
+def test_causal_conv1d(T, C, K, bias):
+    x, st, w = f(T, C), f(K - 1, C), f(K, C)
+    b = f(C) if bias else np.zeros(0, np.float32)
+    ref, ref_st = cpu_ssm.causal_conv1d_ref(x, st, w, b, True)
+    cpu_out, cpu_st = np.empty_like(x), st.copy()
+    cpu_ssm.causal_conv1d(x, cpu_st, w, b, True, cpu_out)
+    gst, out = dev(st), cuda.device_array((T, C), np.float32)
+    g_ssm.causal_conv1d(dev(x), gst, dev(w), dev(b), True, out)
+    check(out, ref, TOL, "conv out")
+    check(out, cpu_out, TOL, "conv out vs cpu")
+    check(gst, ref_st, 0, "conv state")
+
+
+def test_causal_conv1d_strided_input():
+    """The models pass x as a column slice of a wider projection."""
+    T, C = 3, 21
+    xz, st, w, b = f(T, 2 * C), f(3, C), f(4, C), f(C)
+    ref, ref_st = cpu_ssm.causal_conv1d_ref(xz[:, :C], st, w, b, True)
+    gxz, gst, out = dev(xz), dev(st), cuda.device_array((T, C), np.float32)
+    g_ssm.causal_conv1d(gxz[:, :C], gst, dev(w), dev(b), True, out)
+    check(out, ref, TOL, "conv out")
+    check(gst, ref_st, 0, "conv state")
+
+
+@pytest.mark.parametrize("T,d,N", [(1, 37, 5), (6, 70, 3)])
+def test_selective_scan(T, d, N):
+    x, dt, z = f(T, d), f(T, d), f(T, d)
+    A = -np.exp(f(N, d, s=0.5))
+    B, C, D, bias, h = f(T, N), f(T, N), f(d), f(d), f(N, d)
+    ref, ref_h = cpu_ssm.selective_scan_ref(x, dt, A, B, C, D, z, bias, h)
+    cpu_out, cpu_h = np.empty_like(x), h.copy()
+    cpu_ssm.selective_scan(x, dt, A, B, C, D, z, bias, cpu_h, np.empty((2, d), np.float32), cpu_out)
+    gh, out = dev(h), cuda.device_array((T, d), np.float32)
+    xdbl = dev(np.concatenate([B, C], 1))                    # B, C as column slices, as the model passes them
+    g_ssm.selective_scan(dev(x), dev(dt), dev(A), xdbl[:, :N], xdbl[:, N:], dev(D), dev(z), dev(bias), gh, None, out)
+    check(out, ref, TOL, "scan out")
+    check(out, cpu_out, TOL, "scan out vs cpu")
+    check(gh, ref_h, TOL, "scan state")
+
+
+def test_rms_norm_segments():
+    x = f(2, 19)
+    bounds = np.array([0, 3, 11, 19], np.int64)
+    want = x.copy()
+    cpu_ssm.rms_norm_segments(want, bounds, np.float32(1e-6))
+    gx = dev(x)
+    g_ssm.rms_norm_segments(gx, dev(bounds), 1e-6)
+    check(gx, want, TOL, "segments")
+
+
+@pytest.mark.parametrize("T,H,P,N,G,limit", [(1, 6, 11, 7, 3, (0.0, np.inf)), (7, 5, 8, 9, 1, (0.002, 0.03)),
+                                             (3, 4, 33, 40, 2, (0.0, np.inf))])
+def test_ssd_scan(T, H, P, N, G, limit):
+    xbc, dt = f(T, H * P + 2 * G * N), f(T, H)
+    A, D, bias, h = -np.exp(f(H, s=0.5)), f(H), f(H), f(H, P, N)
+    ref, ref_h = cpu_ssm.ssd_scan_ref(xbc, dt, A, D, bias, h, G, limit)
+    lo, hi = np.float32(limit[0]), np.float32(limit[1])
+    cpu_out, cpu_h = np.empty((T, H * P), np.float32), h.copy()
+    if T == 1:
+        cpu_ssm.ssd_step(xbc, dt, A, D, bias, cpu_h, G, lo, hi, cpu_out)
+    else:
+        cpu_ssm.ssd_chunked(xbc, dt, A, D, bias, cpu_h, G, 4, lo, hi, cpu_out)
+    gh, out = dev(h), cuda.device_array((T, H * P), np.float32)
+    g_ssm.ssd_scan(dev(xbc), dev(dt), dev(A), dev(D), dev(bias), gh, G, lo, hi, out)
+    check(out, ref, TOL, "ssd out")
+    check(out, cpu_out, 1e-4, "ssd out vs cpu")
+    check(gh, ref_h, TOL, "ssd state")
+
+
+def test_gated_rms_norm():
+    y, z, w = f(3, 24), f(3, 24), f(24)
+    ref = cpu_ssm.gated_rms_norm_ref(y, z, w, 8, 1e-5)
+    out = cuda.device_array((3, 24), np.float32)
+    g_ssm.gated_rms_norm(dev(y), dev(z), dev(w), 8, 1e-5, out)
+    check(out, ref, TOL, "gated norm")
