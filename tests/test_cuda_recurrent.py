@@ -149,3 +149,100 @@ def test_gated_rms_norm():
     out = cuda.device_array((3, 24), np.float32)
     g_ssm.gated_rms_norm(dev(y), dev(z), dev(w), 8, 1e-5, out)
     check(out, ref, TOL, "gated norm")
+
+
+# ------------------------------------------------------------------ RWKV: WKV v4 / v5-6 / v7, v7 tail, norms, shift
+
+@pytest.mark.parametrize("T,C", [(1, 37), (5, 70)])
+def test_wkv4(T, C):
+    k, v, u, w = f(T, C), f(T, C), f(C, s=0.5), -np.exp(f(C, s=0.5))
+    aa, bb, pp = f(C), np.abs(f(C)) + 0.5, f(C)
+    bb[:3] = 0                                            # channels with no history yet
+    ref = cpu_wkv.wkv4_ref(k, v, u, w, aa, bb, pp)
+    cpu = [a.copy() for a in (aa, bb, pp)]
+    cpu_out = np.empty_like(k)
+    cpu_wkv.wkv4_serial(k, v, u, w, *cpu, cpu_out)
+    g = [dev(a) for a in (aa, bb, pp)]
+    out = cuda.device_array((T, C), np.float32)
+    g_wkv.wkv4(dev(k), dev(v), dev(u), dev(w), *g, out)
+    check(out, ref[0], TOL, "wkv4 out")
+    check(out, cpu_out, TOL, "wkv4 out vs cpu")
+    for name, got, want in zip(("aa", "bb", "pp"), g, ref[1:]):
+        check(got, want, TOL, f"wkv4 {name}")
+
+
+@pytest.mark.parametrize("T,H,N", [(1, 3, 8), (4, 2, 13)])
+def test_wkv6(T, H, N):
+    C = H * N
+    r, k, v = f(T, C), f(T, C), f(T, C)
+    w = np.exp(-np.exp(f(T, C, s=0.5))).astype(np.float32)
+    u, s = f(C, s=0.5), f(H, N, N)
+    ref, ref_s = cpu_wkv.wkv6_ref(r, k, v, w, u, s)
+    cpu_out, cpu_s = np.empty_like(r), s.copy()
+    cpu_wkv.wkv6_serial(r, k, v, w, u, cpu_s, cpu_out)
+    gs, out = dev(s), cuda.device_array((T, C), np.float32)
+    g_wkv.wkv6(dev(r), dev(k), dev(v), dev(w), dev(u), gs, out)
+    check(out, ref, TOL, "wkv6 out")
+    check(out, cpu_out, TOL, "wkv6 out vs cpu")
+    check(gs, ref_s, TOL, "wkv6 state")
+
+
+@pytest.mark.parametrize("T,H,N", [(1, 2, 8), (3, 1, 37)])
+def test_wkv7(T, H, N):
+    C = H * N
+    r, k, v = f(T, C), f(T, C), f(T, C)
+    w = np.exp(-0.6 / (1 + np.exp(-f(T, C)))).astype(np.float32)
+    kk = f(T, H, N)
+    kk = (kk / np.linalg.norm(kk, axis=-1, keepdims=True)).reshape(T, C).astype(np.float32)
+    a, b = -kk, (kk * 0.5).astype(np.float32)
+    s = f(H, N, N, s=0.3)
+    ref, ref_s = cpu_wkv.wkv7_ref(r, w, k, v, a, b, s)
+    gs, out = dev(s), cuda.device_array((T, C), np.float32)
+    g_wkv.wkv7(dev(r), dev(w), dev(k), dev(v), dev(a), dev(b), gs, out)
+    check(out, ref, TOL, "wkv7 out")
+    check(gs, ref_s, TOL, "wkv7 state")
+
+
+@pytest.mark.parametrize("T,H,N,layer0", [(1, 2, 8, True), (3, 2, 37, False)])
+def test_v7_tail(T, H, N, layer0):
+    C = H * N
+    r, wl, k, v, al, g = f(T, C), f(T, C), f(T, C), f(T, C), f(T, C), f(T, C)
+    vl, vfirst = (np.zeros((0, 0), np.float32),) * 2 if layer0 else (f(T, C), f(T, C))
+    p = [f(C, s=0.5) for _ in range(6)] + [1 + f(C, s=0.2), f(C, s=0.2)]      # w0 a0 v0 k_k k_a r_k lnx_w lnx_b
+    s = f(H, N, N, s=0.3)
+    ref_out, ref_k, ref_v, ref_s = cpu_wkv.v7_tail_ref(r, wl, k, v, al, vl, vfirst, g, *p, 64e-5, s)
+    gk, gv, gs = dev(k), dev(v), dev(s)
+    out = cuda.device_array((T, C), np.float32)
+    g_wkv.v7_tail(dev(r), dev(wl), gk, gv, dev(al), dev(vl), dev(vfirst), dev(g), *[dev(x) for x in p], 64e-5, gs, out)
+    check(out, ref_out, 1e-4, "v7 tail out")
+    check(gk, ref_k, TOL, "v7 tail k")
+    check(gv, ref_v, TOL, "v7 tail v")
+    check(gs, ref_s, 1e-4, "v7 tail state")
+
+
+def test_norms_shift_and_gates():
+    T, C, G = 3, 40, 5
+    x, w, b, prev = f(T, C), f(C), f(C), f(C)
+    out = cuda.device_array((T, C), np.float32)
+    g_wkv.layer_norm(dev(x), dev(w), dev(b), 1e-5, out)
+    check(out, cpu_wkv.layer_norm_ref(x, w, b, 1e-5), TOL, "layer norm")
+    g_wkv.group_norm(dev(x), G, dev(w), dev(b), 64e-5, out)
+    check(out, cpu_wkv.group_norm_ref(x, G, w, b, 64e-5), TOL, "group norm")
+    mix, dyn = f(4, C), f(4, T, C)
+    mo = cuda.device_array((4, T, C), np.float32)
+    g_wkv.shift_mix(dev(x), dev(prev), dev(mix), mo)
+    check(mo, cpu_wkv.shift_mix_ref(x, prev, mix), TOL, "shift mix")
+    g_wkv.shift_mix_dyn(dev(x), dev(prev), dev(mix), dev(dyn), mo)
+    check(mo, cpu_wkv.shift_mix_dyn_ref(x, prev, mix, dyn), TOL, "shift mix dyn")
+    y = f(T, C)
+    sig = 1 / (1 + np.exp(-y.astype(np.float64)))
+    for op, want in ((g_wkv.EW_SIGMOID_MUL, x * sig), (g_wkv.EW_RELU_SQ, np.maximum(x, 0) ** 2),
+                     (g_wkv.EW_SILU_MUL, x * y * sig), (g_wkv.EW_TANH, np.tanh(x)),
+                     (g_wkv.EW_SIGMOID, 1 / (1 + np.exp(-x.astype(np.float64)))),
+                     (g_wkv.EW_DECAY, np.exp(-np.exp(x.astype(np.float64))))):
+        gx = dev(x)
+        g_wkv.ew(gx, dev(y), op)
+        check(gx, want, TOL, f"ew {op}")
+    row = cuda.device_array(C, np.float32)
+    g_wkv.copy_row(dev(x), T - 1, row)
+    check(row, x[-1], 0, "copy row")
