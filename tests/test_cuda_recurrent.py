@@ -246,3 +246,78 @@ def test_norms_shift_and_gates():
     row = cuda.device_array(C, np.float32)
     g_wkv.copy_row(dev(x), T - 1, row)
     check(row, x[-1], 0, "copy row")
+
+
+# ------------------------------------------------------------------ xLSTM: mLSTM, sLSTM, headwise projections, gates
+
+@pytest.mark.parametrize("T,NH,DK,DV,cap", [(1, 2, 5, 7, 15.0), (6, 3, 8, 4, 0.0)])
+def test_mlstm(T, NH, DK, DV, cap):
+    q, k, v = f(T, NH * DK), f(T, NH * DK), f(T, NH * DV)
+    ig, fg, ib, fb = f(T, NH), f(T, NH), f(NH), f(NH) + 2
+    C, n, m = f(NH, DK, DV, s=0.3), f(NH, DK, s=0.3), f(NH, s=0.3)
+    nw = 1 + f(NH * DV, s=0.2)
+    ref, ref_C, ref_n, ref_m = cpu_xl.mlstm_recurrent_ref(q, k, v, ig, fg, ib, fb, cap, C, n, m, 1e-6, nw, 1e-5)
+    cpu = [a.copy() for a in (C, n, m)]
+    cpu_out = np.empty((T, NH * DV), np.float32)
+    a = (q, k, v, ig, fg, ib, fb, np.float32(cap), *cpu, np.float32(1e-6), nw, np.float32(1e-5))
+    if T == 1:
+        cpu_xl.mlstm_step(*a, cpu_out)
+    else:
+        cpu_xl.mlstm_chunkwise(*a, 4, cpu_out)
+    gC, gn, gm = dev(C), dev(n), dev(m)
+    out = cuda.device_array((T, NH * DV), np.float32)
+    g_xl.mlstm_step(dev(q), dev(k), dev(v), dev(ig), dev(fg), dev(ib), dev(fb), cap, gC, gn, gm, 1e-6, dev(nw), 1e-5, out)
+    check(out, ref, 1e-4, "mlstm out")
+    check(out, cpu_out, 1e-4, "mlstm out vs cpu")
+    check(gC, ref_C, TOL, "mlstm C")
+    check(gn, ref_n, TOL, "mlstm n")
+    check(gm, ref_m, TOL, "mlstm m")
+
+
+@pytest.mark.parametrize("T,NH,d,fresh", [(1, 2, 5, True), (5, 3, 4, False), (3, 1, 37, True)])
+def test_slstm(T, NH, d, fresh):
+    D = NH * d
+    wx, R, b = f(T, 4 * D), f(NH, 4, d, d, s=0.3), f(4 * D)
+    state = np.zeros((4, D), np.float32) if fresh else np.stack([f(D), f(D), np.abs(f(D)) + 0.5, f(D)])
+    nw = 1 + f(D, s=0.2)
+    ref, ref_state = cpu_xl.slstm_ref(wx, R, b, state, nw, 1e-5)
+    cpu_state, cpu_out = state.copy(), np.empty((T, D), np.float32)
+    cpu_xl.slstm(wx, R, b, cpu_state, nw, np.float32(1e-5), np.empty((4, d), np.float32), cpu_out)
+    gs, out = dev(state), cuda.device_array((T, D), np.float32)
+    g_xl.slstm(dev(wx), dev(R), dev(b), gs, dev(nw), 1e-5, None, out)
+    check(out, ref, 1e-4, "slstm out")
+    check(out, cpu_out, 1e-4, "slstm out vs cpu")
+    check(gs, ref_state, 1e-4, "slstm state")
+
+
+def test_headwise_and_gates():
+    T = 2
+    x, w = f(T, 3 * 7), f(3, 5, 7)
+    out = cuda.device_array((T, 15), np.float32)
+    g_xl.headwise_linear(dev(x), dev(w), out)
+    check(out, cpu_xl.headwise_linear_ref(x, w), TOL, "headwise")
+    w2 = f(4, 21)
+    o2 = cuda.device_array((T, 4), np.float32)
+    g_xl.small_gemm(dev(x), dev(w2), o2)
+    check(o2, x.astype(np.float64) @ w2.T, TOL, "small gemm")
+    a, b, z, skip = f(T, 9), f(T, 9), f(T, 9), f(9)
+    runs = {"sigmoid_mul": lambda g: g_xl.sigmoid_mul(g, dev(b)),
+            "silu_mul": lambda g: g_xl.silu_mul(dev(a), dev(b), g),
+            "gelu_mul": lambda g: g_xl.gelu_mul(dev(a), dev(b), g),
+            "skip_silu": lambda g: g_xl.skip_silu_gate(g, dev(skip), dev(b), dev(z)),
+            "softcap": lambda g: g_xl.softcap_(g, 3.0)}
+    for name, run in runs.items():
+        cpu = a.copy()
+        if name == "sigmoid_mul":
+            cpu_xl.sigmoid_mul(cpu, b)
+        elif name == "silu_mul":
+            cpu_xl.silu_mul(a, b, cpu)
+        elif name == "gelu_mul":
+            cpu_xl.gelu_mul(a, b, cpu)
+        elif name == "skip_silu":
+            cpu_xl.skip_silu_gate(cpu, skip, b, z)
+        else:
+            cpu_xl.softcap_(cpu, np.float32(3.0))
+        g = dev(a)
+        run(g)
+        check(g, cpu, TOL, name)
