@@ -249,7 +249,12 @@ class CUDABackend:
 
     # ---- whole models
     def prepare(self, model):
-        """The device-resident runner for a model (Llama family, Gemma 3); other families are refused."""
+        """The device-resident runner for a model: Llama family and Gemma 3 (runner_cuda.py), Mamba,
+        Mamba-2, RWKV and xLSTM (runner_cuda_recurrent.py); other families are refused."""
+        from .runner_cuda_recurrent import recurrent_runner_for
+        runner = recurrent_runner_for(model, self)
+        if runner is not None:
+            return runner
         from .runner_cuda import runner_for
         return runner_for(model, self)
 

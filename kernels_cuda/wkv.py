@@ -79,19 +79,20 @@ def wkv6_kernel(r, k, v, w, u, s, out):
         return
     lo = h * N
     for t in range(r.shape[0]):
+        tw = min(t, w.shape[0] - 1)              # a (1, C) w: the same decay every token (v5)
         vi = v[t, lo + i]
         acc = np.float32(0.0)
         for j in range(N):
             kv = k[t, lo + j] * vi
             sji = s[h, j, i]
             acc += r[t, lo + j] * (u[lo + j] * kv + sji)
-            s[h, j, i] = kv + w[t, lo + j] * sji
+            s[h, j, i] = kv + w[tw, lo + j] * sji
         out[t, lo + i] = acc
 
 
 def wkv6(r, k, v, w, u, s, out):
-    """RWKV-5/6: r, k, v, w (per-step decay), out (T, C); u (C,); s (H, N, N) [key, value] updated.
-    w may be a (C,) vector broadcast over tokens (v5: pass it as a (1, C) row with stride 0, or repeat)."""
+    """RWKV-5/6: r, k, v, out (T, C); w the per-step decay (T, C), or (1, C) for every token (v5);
+    u (C,); s (H, N, N) [key, value] updated."""
     H, N, _ = s.shape
     go(wkv6_kernel, (blocks(N, BLOCK), H), BLOCK, 0, 0, (r, k, v, w, u, s, out))
 

@@ -186,7 +186,7 @@ def slstm(wx, R, b, state, nw, norm_eps, ws, out):
 # ------------------------------------------------------------------ projections and gates
 
 @cuda.jit(fastmath=True)
-def headwise_kernel(x, w, out):
+def headwise_kernel(x, w, bias, out):
     """Grid (output blocks, T): a warp per output column of the block-diagonal product."""
     red = cuda.shared.array(BLOCK, F32)
     t = cuda.blockIdx.y
@@ -200,12 +200,15 @@ def headwise_kernel(x, w, out):
         acc += w[bb, o, i] * x[t, bb * I + i]
     acc = warp_sum(acc, red)
     if col < nb * O and lane == 0:
+        if bias.shape[0] > 0:
+            acc += bias[col]
         out[t, col] = acc
 
 
-def headwise_linear(x, w, out):
-    """Block-diagonal projection: x (T, nb*i), w (nb, o, i) -> out (T, nb*o)."""
-    go(headwise_kernel, (blocks(w.shape[0] * w.shape[1], WARPS), x.shape[0]), BLOCK, 0, 0, (x, w, out))
+def headwise_linear(x, w, out, bias=None):
+    """Block-diagonal projection: x (T, nb*i), w (nb, o, i) [+ bias (nb*o,)] -> out (T, nb*o) (any strides)."""
+    go(headwise_kernel, (blocks(w.shape[0] * w.shape[1], WARPS), x.shape[0]), BLOCK, 0, 0,
+       (x, w, _none() if bias is None else bias, out))
 
 
 def small_gemm(x, w, out):

@@ -321,3 +321,50 @@ def test_headwise_and_gates():
         g = dev(a)
         run(g)
         check(g, cpu, TOL, name)
+
+
+# ------------------------------------------------------------------ whole models: GPU logits = CPU logits
+
+FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rwkv-tiny"
+if not FIX.is_dir():
+    FIX = Path("/work/shared/fixtures/rwkv-tiny")
+
+
+def _compare(path, n_ids=9, prompt_len=5, seed=0, vocab=256):
+    """forward, prefill then one-token steps (the recorded plan), fork and rollback: GPU == CPU to 1e-3."""
+    import edgerun
+    cpu = edgerun.load(path, act_quant=False)
+    gpu = edgerun.load(path, device="cuda")
+    ids = [int(i) for i in np.random.default_rng(seed).integers(2, vocab, n_ids)]
+    check(gpu.forward(ids), cpu.forward(ids), 1e-3, f"{path.name} forward")
+    st_c, st_g = cpu.new_state(), gpu.new_state()
+    st_g.keep_checkpoints(2)
+    check(gpu.step(st_g, ids[:prompt_len]), cpu.step(st_c, ids[:prompt_len]), 1e-3, f"{path.name} prefill")
+    fork_c, fork_g = st_c.fork(), st_g.fork()
+    for t in ids[prompt_len:]:
+        check(gpu.step(st_g, [t]), cpu.step(st_c, [t]), 1e-3, f"{path.name} step")
+    check(gpu.step(fork_g, ids[prompt_len:]), cpu.step(fork_c, ids[prompt_len:]), 1e-3, f"{path.name} fork")
+    st_g.rollback(1)
+    check(gpu.step(st_g, ids[-1:]), cpu.forward(ids)[-1:], 1e-3, f"{path.name} rollback")
+    assert st_g.length == len(ids)
+
+
+HF_MODELS = {
+    "mamba": ("MambaForCausalLM", dict(hidden_size=24, state_size=5, time_step_rank=3)),
+    "falcon_mamba": ("FalconMambaForCausalLM", dict(hidden_size=20, state_size=7, time_step_rank=5, conv_kernel=3,
+                                                    tie_word_embeddings=False)),
+    "mamba2": ("Mamba2ForCausalLM", dict(hidden_size=24, num_heads=6, head_dim=8, state_size=7, n_groups=3,
+                                         chunk_size=4)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_mamba_gpu_equals_cpu(hf_dir_factory, name):
+    from conftest import convert_and_load  # noqa: F401  (the tiny-model helpers)
+    from edgerun.converters import convert
+    arch, cfg = HF_MODELS[name]
+    _, d = hf_dir_factory(arch, **cfg)
+    out = d.parent / f"{name}.edr"
+    convert(d, out, quant="f32", progress=False)
+    _compare(out, vocab=300)
