@@ -16,9 +16,13 @@ Inner loops index slices with the loop counter (see linear.py): head slices are 
 (head, token) so LLVM vectorises the loops over a head's channels.
 """
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from ._common import FASTMATH, JIT
+from .ssm import fast_exp
+
+# numpy's error model: a float division is not checked for zero, so loops holding one vectorise
+JIT = dict(JIT, error_model="numpy")
 
 
 # ------------------------------------------------------------------ v4
@@ -141,7 +145,13 @@ def wkv7_serial(r, w, k, v, a, b, s, out):
 
 @njit(inline="always", fastmath=FASTMATH)
 def _sigm(x):
-    return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+    """sigmoid by ssm.fast_exp: arithmetic only, so loops over a head's channels vectorise."""
+    return np.float32(1.0) / (np.float32(1.0) + fast_exp(-x))
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _tanh(x):
+    return np.float32(1.0) - np.float32(2.0) / (fast_exp(np.float32(2.0) * x) + np.float32(1.0))
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -170,7 +180,7 @@ def _v7_tail_head(h, r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, 
             kk = a[j] / nrm
             a[j] = -kk
             b[j] = kk * iclr
-            w[j] = np.exp(np.float32(-0.606531) * _sigm(w0h[j] + wlt[j]))
+            w[j] = fast_exp(np.float32(-0.606531) * _sigm(w0h[j] + wlt[j]))
             kt[j] = kt[j] * (np.float32(1.0) + (iclr - np.float32(1.0)) * kah[j])
             bonus += rt[j] * kt[j] * rkh[j]
         if mix_v:
@@ -217,6 +227,147 @@ def v7_tail(r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, ln
 def v7_tail_serial(r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b, eps, s, out):
     for h in range(s.shape[0]):
         _v7_tail_head(h, r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b, eps, s, out)
+
+
+# ------------------------------------------------------------------ v7 low-rank projections
+
+@njit(inline="always", fastmath=FASTMATH)
+def _lora_act(h, nt, act):
+    for i in range(nt):
+        hi = h[i]
+        if act == 1:
+            for d in range(hi.shape[0]):
+                hi[d] = _tanh(hi[d])
+        elif act == 2:
+            for d in range(hi.shape[0]):
+                hi[d] = _sigm(hi[d])
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
+    """out[t] = act(x[t] @ down.T) @ up_t for tokens t0 .. t0+nt-1 (nt <= 4): the down projection as
+    dot products of four tokens with two rows of ``down`` (D, C) at a time, the up one as rows of
+    ``up_t`` (D, C), four at a time, scaled and added to four token rows (one loaded and stored
+    per four multiply-adds). act: 0 none, 1 tanh, 2 sigmoid.  h (4, D), spare (3, C) scratch."""
+    D = down.shape[0]
+    if nt == 1:                                   # decode: one token, no wasted lanes
+        xt, ot, ht = x[t0], out[t0], h[0]
+        for d in range(D):
+            dd = down[d]
+            acc = np.float32(0.0)
+            for c in range(dd.shape[0]):
+                acc += xt[c] * dd[c]
+            ht[d] = acc
+        _lora_act(h, 1, act)
+        for c in range(ot.shape[0]):
+            ot[c] = 0.0
+        for d in range(D):
+            ud, hd = up_t[d], ht[d]
+            for c in range(ud.shape[0]):
+                ot[c] += hd * ud[c]
+        return
+    x0, x1, x2, x3 = x[t0], x[t0 + min(1, nt - 1)], x[t0 + min(2, nt - 1)], x[t0 + min(3, nt - 1)]
+    D2 = D - D % 2
+    for d in range(0, D2, 2):
+        da, db = down[d], down[d + 1]
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        q0 = np.float32(0.0)
+        q1 = np.float32(0.0)
+        q2 = np.float32(0.0)
+        q3 = np.float32(0.0)
+        for c in range(da.shape[0]):
+            wa, wb = da[c], db[c]
+            s0 += x0[c] * wa
+            s1 += x1[c] * wa
+            s2 += x2[c] * wa
+            s3 += x3[c] * wa
+            q0 += x0[c] * wb
+            q1 += x1[c] * wb
+            q2 += x2[c] * wb
+            q3 += x3[c] * wb
+        h[0, d], h[1, d], h[2, d], h[3, d] = s0, s1, s2, s3
+        h[0, d + 1], h[1, d + 1], h[2, d + 1], h[3, d + 1] = q0, q1, q2, q3
+    for d in range(D2, D):
+        dd = down[d]
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        for c in range(dd.shape[0]):
+            s0 += x0[c] * dd[c]
+            s1 += x1[c] * dd[c]
+            s2 += x2[c] * dd[c]
+            s3 += x3[c] * dd[c]
+        h[0, d], h[1, d], h[2, d], h[3, d] = s0, s1, s2, s3
+    _lora_act(h, nt, act)
+    # a short chunk (nt < 4) sends its unused lanes to scratch rows
+    o0 = out[t0]
+    o1 = out[t0 + 1] if nt > 1 else spare[0]
+    o2 = out[t0 + 2] if nt > 2 else spare[1]
+    o3 = out[t0 + 3] if nt > 3 else spare[2]
+    for c in range(o0.shape[0]):
+        o0[c] = 0.0
+        o1[c] = 0.0
+        o2[c] = 0.0
+        o3[c] = 0.0
+    D4 = D - D % 4
+    for d in range(0, D4, 4):
+        ua, ub, uc, ud = up_t[d], up_t[d + 1], up_t[d + 2], up_t[d + 3]
+        a0, a1, a2, a3 = h[0, d], h[1, d], h[2, d], h[3, d]
+        b0, b1, b2, b3 = h[0, d + 1], h[1, d + 1], h[2, d + 1], h[3, d + 1]
+        c0, c1, c2, c3 = h[0, d + 2], h[1, d + 2], h[2, d + 2], h[3, d + 2]
+        e0, e1, e2, e3 = h[0, d + 3], h[1, d + 3], h[2, d + 3], h[3, d + 3]
+        for c in range(ua.shape[0]):
+            wa, wb, wc, wd = ua[c], ub[c], uc[c], ud[c]
+            o0[c] += a0 * wa + b0 * wb + c0 * wc + e0 * wd
+            o1[c] += a1 * wa + b1 * wb + c1 * wc + e1 * wd
+            o2[c] += a2 * wa + b2 * wb + c2 * wc + e2 * wd
+            o3[c] += a3 * wa + b3 * wb + c3 * wc + e3 * wd
+    for d in range(D4, D):
+        ud = up_t[d]
+        a0, a1, a2, a3 = h[0, d], h[1, d], h[2, d], h[3, d]
+        for c in range(ud.shape[0]):
+            w = ud[c]
+            o0[c] += a0 * w
+            o1[c] += a1 * w
+            o2[c] += a2 * w
+            o3[c] += a3 * w
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _v7_lora_span(mixed, t_lo, t_hi, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
+    D = max(w1.shape[0], a1.shape[0], v1.shape[0], g1.shape[0])
+    h = np.empty((4, D), np.float32)
+    spare = np.empty((3, out.shape[2]), np.float32)
+    for t0 in range(t_lo, t_hi, 4):
+        nt = min(4, t_hi - t0)
+        _lora_rows(mixed[1], t0, nt, w1, w2t, 1, h, spare, out[0])           # decay:  tanh(xw w1) w2
+        _lora_rows(mixed[4], t0, nt, a1, a2t, 0, h, spare, out[1])           # iclr:   xa a1 a2
+        if v1.shape[0] > 0:
+            _lora_rows(mixed[3], t0, nt, v1, v2t, 0, h, spare, out[2])       # value residual: xv v1 v2
+        _lora_rows(mixed[5], t0, nt, g1, g2t, 2, h, spare, out[3])           # gate:   sigmoid(xg g1) g2
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def v7_lora(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
+    """RWKV-7's four low-rank projections of a layer in one call: out[0] = tanh(xw w1) w2,
+    out[1] = xa a1 a2, out[2] = xv v1 v2 (left alone when v1 has no rows: layer 0),
+    out[3] = sigmoid(xg g1) g2.  mixed (6, T, C): shift_mix's xr, xw, xk, xv, xa, xg;
+    w1, a1, v1, g1 (D, C) as stored (out, in); w2t, a2t, v2t, g2t (D, C) the up matrices
+    transposed; out (4, T, C).  Tokens split in contiguous spans over the threads."""
+    T = mixed.shape[1]
+    P = min(get_num_threads(), (T + 3) // 4)
+    span = (T + 4 * P - 1) // (4 * P) * 4
+    for p in prange(P):
+        _v7_lora_span(mixed, p * span, min(T, (p + 1) * span), w1, w2t, a1, a2t, v1, v2t, g1, g2t, out)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def v7_lora_serial(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
+    _v7_lora_span(mixed, 0, mixed.shape[1], w1, w2t, a1, a2t, v1, v2t, g1, g2t, out)
 
 
 # ------------------------------------------------------------------ norms
@@ -384,3 +535,16 @@ def v7_tail_ref(r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, lnx_w
 def shift_mix_dyn_ref(x, prev, mix, dyn):
     sx = np.concatenate([prev[None], x[:-1]])
     return np.stack([x + (sx - x) * (m + d) for m, d in zip(mix, dyn)]).astype(np.float32)
+
+
+def v7_lora_ref(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t):
+    """NumPy twin of v7_lora: (4, T, C) float32 (out[2] zero when v1 has no rows)."""
+    f = np.float64
+    x = mixed.astype(f)
+    out = np.zeros((4, *mixed.shape[1:]))
+    out[0] = np.tanh(x[1] @ w1.T.astype(f)) @ w2t.astype(f)
+    out[1] = (x[4] @ a1.T.astype(f)) @ a2t.astype(f)
+    if v1.shape[0]:
+        out[2] = (x[3] @ v1.T.astype(f)) @ v2t.astype(f)
+    out[3] = 1 / (1 + np.exp(-(x[5] @ g1.T.astype(f)))) @ g2t.astype(f)
+    return out.astype(np.float32)

@@ -111,15 +111,17 @@ class TimeMix:
         elif v == "7":
             self.mix = np.stack([w[p + "x_" + n] for n in "rwkvag"]).astype(np.float32)  # (6, C)
             self.w0, self.a0, self.k_k, self.k_a, self.r_k = (w[p + n] for n in ("w0", "a0", "k_k", "k_a", "r_k"))
-            self.w1, self.w2, self.a1, self.a2, self.g1, self.g2 = (_lora(w[p + n]) for n in ("w1", "w2", "a1", "a2", "g1", "g2"))
+            # packed containers, used only when --rules quantized them (else self.lora below)
+            self.w1, self.w2, self.a1, self.a2, self.g1, self.g2 = (w[p + n] for n in ("w1", "w2", "a1", "a2", "g1", "g2"))
             self.v0 = w.get(p + "v0")
-            self.v1, self.v2 = (_lora(w[p + n]) if p + n in w else None for n in ("v1", "v2"))
+            self.v1, self.v2 = (w.get(p + n) for n in ("v1", "v2"))
         if v != "4":
             self.lnx_w, self.lnx_b = w[p + "ln_x.weight"], w[p + "ln_x.bias"]
         if v == "7":
             self.tail_params = tuple(np.ascontiguousarray(x, np.float32) for x in (
                 self.w0, self.a0, self.v0 if self.v0 is not None else np.zeros(C, np.float32),
                 self.k_k, self.k_a, self.r_k, self.lnx_w, self.lnx_b))
+            self.lora = _v7_lora_params(w, p, C, with_v=i > 0)
 
     def __call__(self, xx, state: RecurrentState, v_first):
         """xx: ln1 output (T, C). Returns (the block's time-mix output (T, C), v_first)."""
@@ -171,23 +173,43 @@ class TimeMix:
 
     def _v7(self, xx, prev, state, v_first):
         a, ops = self.args, self.ops
-        xr, xw, xk, xv, xa, xg = ops.shift_mix(xx, prev, self.mix)
+        mixed = ops.shift_mix(xx, prev, self.mix)                              # (6, T, C)
+        xr, xw, xk, xv, xa, xg = mixed
         r = ops.linear(xr, self.r)
-        wl = _mm(ops, np.tanh(_mm(ops, xw, self.w1)), self.w2)
         k = ops.linear(xk, self.k)
         v = ops.linear(xv, self.v)
-        al = _mm(ops, _mm(ops, xa, self.a1), self.a2)
-        g = _mm(ops, _sigmoid(_mm(ops, xg, self.g1)), self.g2)
+        if self.lora is not None:          # float32 LoRA: tanh(xw w1) w2, xa a1 a2, xv v1 v2, sigmoid(xg g1) g2
+            wl, al, vl, g = ops.v7_lora(mixed, self.lora)
+        else:                              # LoRA matrices quantized by --rules: through ops.linear
+            wl = _mm(ops, np.tanh(_mm(ops, xw, self.w1)), self.w2)
+            al = _mm(ops, _mm(ops, xa, self.a1), self.a2)
+            g = _mm(ops, _sigmoid(_mm(ops, xg, self.g1)), self.g2)
+            vl = _mm(ops, _mm(ops, xv, self.v1), self.v2) if v_first is not None else None
         if v_first is None:                                   # layer 0: its v is every layer's v_first
             vl = vfirst = _EMPTY
         else:
-            vl, vfirst = _mm(ops, _mm(ops, xv, self.v1), self.v2), v_first
+            vfirst = v_first
         # decay, iclr, removal key, k/v updates, WKV, ln_x, bonus and gate in one kernel call
         y = ops.v7_tail(r, wl, k, v, al, vl, vfirst, g, self.tail_params, a.lnx_eps, state["wkv"][self.i])
         return ops.linear(y, self.o), (v if v_first is None else v_first)
 
 
 _EMPTY = np.zeros((0, 0), np.float32)
+
+
+def _v7_lora_params(w: dict, p: str, C: int, with_v: bool):
+    """(w1, w2t, a1, a2t, v1, v2t, g1, g2t) float32 (D, C) for ops.v7_lora: down matrices as stored
+    (out, in), up ones transposed; v1/v2t with no rows at layer 0. None if any is not float32."""
+    out = []
+    for n in "wavg":
+        if n == "v" and not with_v:                       # layer 0 uses no value-residual LoRA
+            out += [np.zeros((0, C), np.float32)] * 2
+            continue
+        down, up = w[p + n + "1"], w[p + n + "2"]
+        if getattr(down, "dtype", None) != "f32" or getattr(up, "dtype", None) != "f32":
+            return None
+        out += [np.ascontiguousarray(np.asarray(down.w)), np.ascontiguousarray(np.asarray(up.w).T)]
+    return tuple(out)
 
 
 class ChannelMix:
