@@ -113,8 +113,21 @@ def test_selective_scan(T, d, N):
     assert _err(h2, ref_h) < KERNEL_TOL
 
 
+@pytest.mark.parametrize("m,k,P", [(1, 1, 1), (7, 13, 85), (4, 128, 64), (9, 3, 16), (6, 0, 21)])
+def test_gemm_acc(m, k, P):
+    """The SSD's register-tiled GEMM against NumPy: rows not a multiple of 4, columns covering the 64- and
+    16-wide tiles and the plain-loop tail, on views whose first row is not row 0."""
+    rng = np.random.default_rng(m * 100 + k + P)
+    Y, A, R = _f(rng, m + 2, P), _f(rng, m + 1, k + 3), _f(rng, k + 1, P)
+    ref = Y.astype(np.float64)
+    ref[1:m + 1] += A[1:m + 1, :k].astype(np.float64) @ R[:k]
+    got = Y.copy()
+    ssm._gemm_acc(got[1:], A[1:], R, m, k)
+    assert _err(got, ref) < KERNEL_TOL, f"max {np.abs(got - ref).max():.3g} mean {np.abs(got - ref).mean():.3g}"
+
+
 @pytest.mark.parametrize("T,H,P,N,G,chunk", [(13, 6, 5, 7, 2, 4), (13, 6, 5, 7, 3, 5), (20, 4, 16, 32, 1, 7),
-                                             (3, 2, 3, 4, 1, 8)])
+                                             (3, 2, 3, 4, 1, 8), (70, 4, 85, 19, 2, 32)])
 def test_ssd_chunked_equals_recurrence(T, H, P, N, G, chunk):
     rng = np.random.default_rng(T + H + chunk)
     xbc, dt = _f(rng, T, H * P + 2 * G * N), _f(rng, T, H)
