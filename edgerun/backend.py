@@ -215,6 +215,17 @@ class CPUBackend:
         f(r, wl, k, v, al, vl, vfirst, g, *p, float(eps), s, out)
         return out
 
+    def v7_lora(self, mixed, m):
+        """RWKV-7's four low-rank projections (decay, iclr, value residual, gate) of shift_mix's
+        output mixed (6, T, C) in one call -> (4, T, C); m = (w1, w2t, a1, a2t, v1, v2t, g1, g2t)
+        float32 (D, C), see kernels_numba/wkv.py v7_lora. Own kernels, not BLAS: BLAS brings its
+        own threads, which spin against ours."""
+        out = np.empty((4, *mixed.shape[1:]), np.float32)
+        work = mixed.shape[1] * mixed.shape[2] * sum(x.shape[0] for x in m)
+        f = self._wkv.v7_lora if work >= self.WKV_PARALLEL_WORK else self._wkv.v7_lora_serial
+        f(mixed, *m, out)
+        return out
+
 
     # ---- state-space models (kernels_numba/ssm.py): states are updated in place; with ``out``
     # given nothing is allocated, so a decode loop runs in constant memory
