@@ -2,7 +2,7 @@
 batch-1 decode of a ~1B Llama shape (random weights made on the device) against transformers
 (bf16, eager attention) on the same GPU in the same run.
 
-    python benchmarks/cuda_bench.py [--json OUT.json] [--tokens 128] [--skip-torch]
+    python benchmarks/cuda_bench.py [--json OUT.json] [--tokens 128] [--skip-torch] [--sweep] [--skip-decode]
 
 Prints a table and writes the numbers as JSON. Needs an NVIDIA GPU and numba-cuda (and torch +
 transformers for the baseline).
@@ -179,6 +179,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--kinds", default="int8,int4")
+    ap.add_argument("--sweep", action="store_true", help="also time GEMV variants (inputs split, load hints)")
+    ap.add_argument("--skip-decode", action="store_true")
     a = ap.parse_args()
     from numba import cuda
     import numba
@@ -196,19 +198,35 @@ def main():
     res["copy_GBps"] = copy_bandwidth(cuda) / 1e9
     print(f"device-to-device copy: {res['copy_GBps']:.0f} GB/s (read + write)", flush=True)
     res["gemv"] = []
-    default = ops._lin.GEMV_SPLIT
-    for variant in (default, 2):
-        ops._lin.GEMV_SPLIT = variant
+    lin = ops._lin
+    variants = [{}]
+    if a.sweep:
+        variants += [{"maxreg": 80}, {"maxreg": 96}, {"ks": 4}, {"ks": 1}, {"maxreg": 80, "ks": 4},
+                     {"pipe": False, "ks": 8}, {"pipe": False, "ks": 8, "maxreg": 80}]
+    ld0 = lin.LD_W
+    for v in variants:
+        lin.GEMV_KS, lin.LD_W = v.get("ks", 0), v.get("ld", ld0)
+        lin.GEMV_PIPE, lin.GEMV_MAXREG = v.get("pipe", True), v.get("maxreg", 0)
         for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
             g = gemv_bandwidth(cuda, ops, kind, group=group)
             g["of_copy"] = g["GBps"] / res["copy_GBps"]
-            g["variant"] = variant
+            g["variant"] = str(v or "default")
+            g["split"] = lin.gemv_split(kind, 8192, 8192)
+            k = lin._gemv_q_kernel(kind, g["split"], kind == "int8" and group == 8192)
+            try:
+                g["regs"] = max(k.get_regs_per_thread().values())
+                g["local_bytes"] = max(k.get_local_mem_per_thread().values())
+            except Exception as e:          # noqa: BLE001 (a report, not a check)
+                g["regs"] = str(e)[:60]
             res["gemv"].append(g)
-            print(f"GEMV {kind} 8192x8192 group {g['group']} (split {variant}): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = "
-                  f"{100 * g['of_copy']:.0f}% of copy; rel err vs CPU {g['rel_err_vs_cpu']:.1e}", flush=True)
-    ops._lin.GEMV_SPLIT = default
+            print(f"GEMV {kind} 8192x8192 group {g['group']} ({g['variant']}, split {g['split']}, regs {g.get('regs')}, "
+                  f"local {g.get('local_bytes')}): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = {100 * g['of_copy']:.0f}% of copy; "
+                  f"rel err vs CPU {g['rel_err_vs_cpu']:.1e}", flush=True)
+    lin.GEMV_KS, lin.LD_W, lin.GEMV_PIPE, lin.GEMV_MAXREG = 0, ld0, True, 0
+    if a.skip_decode:
+        a.kinds, a.skip_torch = "", True
     res["decode"] = []
-    for kind in a.kinds.split(","):
+    for kind in filter(None, a.kinds.split(",")):
         d = edgerun_decode(cuda, ops, kind, a.prompt, a.tokens)
         res["decode"].append(d)
         print(f"edgerun {kind} 1B decode: {d['tok_s']:.0f} tok/s ({d['ms_per_token']:.2f} ms/token), "

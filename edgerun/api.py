@@ -152,6 +152,11 @@ class _LastLogits:
     def step(self, state, ids):
         return self.llm.step(state, ids, last_only=True)
 
+    def step_sample(self, state, ids, sampler):
+        """The next token sampled on the device (GPU runner), or None: then call step."""
+        fn = getattr(self.llm.model, "step_sample", None)
+        return None if fn is None else fn(self.llm._ids(ids, state), state, sampler)
+
 
 def load(model, device: str = "cpu", *, quant: str | None = None, threads: int | None = None,
          verify: bool = False, max_kv_bytes: int | None = None, kv_block_size: int | None = None,

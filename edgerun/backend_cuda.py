@@ -39,7 +39,7 @@ def _import_cuda():
 class DevWeight(NamedTuple):
     """A packed weight on the device. a, b, c: the kind's fields as the GEMM / embed kernels take
     them (int8: q, scales, -; int4: qs, scales, mins; dense: w, w, -), unused ones empty;
-    words: the uint64 view of q / qs that the one-token GEMV reads (None if it can't)."""
+    words: the uint32 view of q / qs that the one-token GEMV reads (None if it can't)."""
     kind: str
     rows: int
     cols: int
@@ -111,12 +111,12 @@ class CUDABackend:
         cuda, dummy = self.cuda, self._lin.dummy
         if isinstance(w, Int8Weight):
             q = cuda.to_device(np.ascontiguousarray(w.q))
-            words = q.view(np.uint64) if w.q.shape[1] % 8 == 0 else None
+            words = q.view(np.uint32) if w.q.shape[1] % 16 == 0 else None
             return DevWeight("int8", w.q.shape[0], w.q.shape[1], int(w.group), q,
                              cuda.to_device(_scales(w.scales)), dummy(2), words)
         if isinstance(w, Int4Weight):
             qs = cuda.to_device(np.ascontiguousarray(w.qs))
-            words = qs.view(np.uint64) if w.qs.shape[1] % 8 == 0 else None
+            words = qs.view(np.uint32) if w.qs.shape[1] % 16 == 0 else None
             mins = cuda.to_device(_scales(w.mins)) if w.mins.size else dummy(2)
             return DevWeight("int4", w.qs.shape[0], w.qs.shape[1] * 2, int(w.group), qs,
                              cuda.to_device(_scales(w.scales)), mins, words)
@@ -136,11 +136,11 @@ class CUDABackend:
         gemv = T == 1 and (w.words is not None or w.kind in ("f32", "f16", "bf16"))
         if gemv and lin.gemv_fits(w.kind, w.cols, w.group):
             fields = {"int8": (w.words, w.b), "int4": (w.words, w.b, w.c)}.get(w.kind, (w.a,))
-            lin.launch_gemv(w.kind, x.reshape(w.cols), fields, w.group, out.reshape(out.shape[1]),
-                            norm_w=norm_w, eps=eps, res=bias if res is None else res.reshape(out.shape[1]), act=act)
-            if bias is not None and res is not None:
-                self._ops.add_inplace(out, bias.reshape(1, bias.shape[0]))
-            return out
+            if lin.launch_gemv(w.kind, x.reshape(w.cols), fields, w.group, out.reshape(out.shape[1]), norm_w=norm_w,
+                               eps=eps, res=bias if res is None else res.reshape(out.shape[1]), act=act):
+                if bias is not None and res is not None:
+                    self._ops.add_inplace(out, bias.reshape(1, bias.shape[0]))
+                return out
         if norm_w is not None:
             xn = self.empty(x.shape)
             self._ops.rms_norm(x, norm_w, eps, xn)

@@ -169,8 +169,9 @@ class DeviceLlama:
             logits = (np.tanh(logits / cap) * cap).astype(np.float32)
         return logits
 
-    def _decode(self, tok: int, start: int, pools, tables) -> np.ndarray:
-        """One token: the recorded plan of launches, with the token id and position patched in."""
+    def _decode(self, tok: int, start: int, pools, tables, copy: bool = True) -> np.ndarray | None:
+        """One token: the recorded plan of launches, with the token id and position patched in;
+        the logits copied back unless copy is False."""
         plan = self._plan
         if plan is None or self._plan_pools is not pools:
             plan = self._record(pools, tables)
@@ -184,11 +185,61 @@ class DeviceLlama:
         self.launches += len(plan)
         if self.timing:
             self.launch_seconds += time.perf_counter() - t0
+        if not copy:
+            return None
         b = self._bufs
         b["logits"].copy_to_host(b["logits_host"])
         return np.array(b["logits_host"])
 
     _plan = _plan_pools = None
+    _sample_plan = None
+
+    # -- sampling on the device: only the token id comes back
+    def can_sample(self, params) -> bool:
+        """Whether the device sampler takes these SamplingParams (temperature / top-k / top-p / greedy;
+        the repetition penalty, min-p and Gemma's final soft-cap stay on the host)."""
+        return params.repetition_penalty == 1.0 and params.min_p == 0.0 and not self.final_softcap
+
+    def step_sample(self, ids: np.ndarray, state, sampler) -> int | None:
+        """Append one token (the recorded decode plan) and draw the next one on the device with the
+        Sampler's parameters and its random stream (one uniform a token, as on the host). Returns None,
+        without touching the state, when this step can't (several tokens, parameters the device
+        sampler does not take). The step's logits stay on the device: ``last_logits()``."""
+        if ids.shape[0] != 1 or not self.can_sample(sampler.params):
+            return None
+        from edgerun.kernels_cuda.sampling import f32_bits, u_bits
+        p = sampler.params
+        state.reserve(1)
+        start = state.length
+        pools = self.ops.device_pools(self.kv)
+        tables = self._tables(state)
+        self._decode(int(ids[0]), start, pools, tables, copy=False)
+        sp = self._sample_plan or self._record_sample()
+        sp.set("temp", f32_bits(p.temperature))
+        sp.set("topk", int(p.top_k))
+        sp.set("topp", f32_bits(p.top_p))
+        sp.set("u", 0 if p.greedy else u_bits(sampler.rng.random()))
+        sp()
+        self.launches += 1
+        b = self._bufs
+        b["tok"].copy_to_host(b["tok_host"])
+        state.advance(ids.tolist())
+        return int(b["tok_host"][0])
+
+    def last_logits(self) -> np.ndarray:
+        """The logits (1, vocab) of the last one-token step, copied from the device."""
+        return self._bufs["logits"].copy_to_host()
+
+    def _record_sample(self):
+        from edgerun.kernels_cuda._launch import Dyn, recording
+        from edgerun.kernels_cuda.sampling import launch_sample
+        b = self._decode_bufs()
+        b.setdefault("tok", self.cuda.device_array(1, np.int32))
+        b.setdefault("tok_host", self.cuda.pinned_array(1, np.int32))
+        with recording() as plan:
+            launch_sample(b["logits"].reshape(self.head.rows), Dyn("temp"), Dyn("topk"), Dyn("topp"), Dyn("u"), b["tok"])
+        self._sample_plan = plan[0]
+        return self._sample_plan
 
     def _record(self, pools, tables):
         from edgerun.kernels_cuda._launch import Dyn, recording
@@ -339,11 +390,11 @@ def random_weight(ops, kind: str, rows: int, cols: int, seed: int, std: float = 
     if kind == "int8":
         q = rand_int(e((rows, cols), np.int8), -127, 127, seed)
         s = rand_uniform(e((rows, cols // group), np.float16), 0.5 * std / 73, 1.5 * std / 73, seed + 1)
-        return DevWeight("int8", rows, cols, group, q, s, ops._lin.dummy(2), q.view(np.uint64))
+        return DevWeight("int8", rows, cols, group, q, s, ops._lin.dummy(2), q.view(np.uint32))
     if kind == "int4":
         qs = rand_int(e((rows, cols // 2), np.uint8), 0, 255, seed)
         s = rand_uniform(e((rows, cols // group), np.float16), 0.5 * std / 4.6, 1.5 * std / 4.6, seed + 1)
-        return DevWeight("int4", rows, cols, group, qs, s, ops._lin.dummy(2), qs.view(np.uint64))
+        return DevWeight("int4", rows, cols, group, qs, s, ops._lin.dummy(2), qs.view(np.uint32))
     w = rand_uniform(e((rows, cols), np.float16 if kind == "f16" else np.float32), -1.7 * std, 1.7 * std, seed)
     return DevWeight(kind, rows, cols, 1, w, w, ops._lin.dummy(2), None)
 

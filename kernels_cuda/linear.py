@@ -3,19 +3,21 @@
 Same op names and signatures as kernels_numba/linear.py (``gemm_int8(x, q, scales, group, out)``…),
 with device arrays. Two kernels stand behind each name:
 
-- T == 1 (decode): a GEMV. A block of 8 warps owns 32 output rows, 4 per warp, so each x value
-  loaded serves 4 rows. x is staged once per block in shared memory (RMS-normalised first when
-  a norm weight is given: norm and matmul in one launch), permuted so that lane l reading word k
-  finds the x values of that word at k, k + n/4, … (no bank conflicts). Weights are read as
-  uint32 words (4 int8 or 8 int4 values) and turned into exact floats with the 2**23 magic
-  number (bits 0x4B000000 | byte is the float 2**23 + byte): a shift, a logic op and a
-  subtraction instead of a slow integer-to-float conversion. The epilogue adds a bias or the
-  residual, or applies silu / gelu_tanh to interleaved (gate, up) row pairs.
-- T > 1 (prefill) or a group that is not a power of two: a tiled GEMM, 64 rows x 32 tokens per
+- T == 1 (decode): a GEMV, memory-bound: the weights are read once, 16 bytes a load (PTX
+  ``ld.global.nc.v4`` through an inline-asm intrinsic, numba has no vector loads), 8 loads in
+  flight per lane before any arithmetic. A warp owns 4 output rows; KS warps of a block split a
+  row's inputs (chosen per shape so that every SM gets many warps), partial sums meet through
+  warp shuffles and one shared-memory step. x is read with 16-byte loads too (L1 serves the
+  other warps); the RMS norm is fused without a pass of its own: y = W (x * w_norm) / rms(x).
+  Weight bytes become exact floats by bit operations, no int-to-float conversion: a byte u
+  (int8 + 128) moved to mantissa bits 15..22 of 1.0 is 1 + u/256, a nibble q at bits 19..22 is
+  1 + q/16; then sum b x = 256 (sum (1 + u/256) x - 1.5 sum x), sum (q - 8) x = 16 (... - 1.5 sum x).
+  The epilogue adds a bias or the residual, or applies silu / gelu_tanh to (gate, up) row pairs.
+- T > 1 (prefill), or a shape the GEMV does not take: a tiled GEMM, 64 rows x 32 tokens per
   block, each weight tile dequantised once into shared memory and used by every token.
 
-Device layouts (edgerun/backend_cuda.py uploads them): int8 q (rows, in) int8 plus its uint64
-view (rows, in/8); int4 qs (rows, in/2) uint8 plus its uint64 view (rows, in/16), low nibble
+Device layouts (edgerun/backend_cuda.py uploads them): int8 q (rows, in) int8 plus its uint32
+view (rows, in/4); int4 qs (rows, in/2) uint8 plus its uint32 view (rows, in/8), low nibble
 first as in edgerun/packed.py; scales and mins float32 or float16; dense f32, float16, or
 bfloat16 as uint16 bits.
 """
@@ -25,37 +27,18 @@ import numpy as np
 from numba import cuda
 
 from ._launch import go
-from ._common import BLOCK, F32, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_sum4
+from ._common import BLOCK, F32, SIM, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_sum, warp_sum4
 
-GEMV_SPLIT = 1                    # int8/int4 GEMV: warps sharing 4 rows, splitting the inputs (1 measured best)
-MIN_GEMV_BLOCKS = 256             # below this many blocks a GEMV splits its inputs over more warps
 DENSE_ROWS = BLOCK // 32 * 4      # output rows per dense GEMV block: 4 per warp
 RED4 = 4 * BLOCK                  # shared scratch of warp_sum4 (a compile-time constant)
-PART = (BLOCK // 32, 32)          # per-warp partial sums (4 rows + sum of squares); row 0 doubles as block_sum's
-MAX_SMEM_X = 12 * 1024            # x values a GEMV stages in shared memory (48 KiB)
-PER_ROW = 31                      # gshift meaning "one scale per row"
+MAX_SMEM_X = 12 * 1024            # x values the dense GEMV stages in shared memory (48 KiB)
 
 ACT_NONE, ACT_SILU, ACT_GELU = 0, 1, 2
 
-_M23 = U32(0x4B000000)
-_B8 = U32(0xFF)
-_B4 = U32(0xF)
-_S4, _S8, _S12, _S16, _S20, _S24, _S28 = (U32(s) for s in (4, 8, 12, 16, 20, 24, 28))
+_S16 = U32(16)
 
 
 # ------------------------------------------------------------------ element helpers
-
-@device
-def _i8(b):
-    """A byte (low 8 bits of a uint32) as a signed int8 value, exactly, as float32."""
-    return bits_to_f32((b & _B8) ^ U32(0x4B000080)) - np.float32(8388736.0)
-
-
-@device
-def _nib(b, off):
-    """A nibble (low 4 bits) minus off - 2**23, exactly, as float32 (off = 2**23 + 8: symmetric int4)."""
-    return bits_to_f32((b & _B4) | _M23) - off
-
 
 @device
 def _act(kind, g):
@@ -98,309 +81,311 @@ def _norm_scale(x, norm_w, eps, red, part):
     return np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
 
 
+# ------------------------------------------------------------------ 16-byte loads
+
+# weights are streamed once: kept out of L1 (where x and the norm weight stay for the other warps)
+LD_W = "ld.global.nc.L1::no_allocate"
+LD_X = "ld.global.nc"
+
+if SIM:
+    def make_ld4(op):
+        """ld4(a, i) -> (a[i], a[i+1], a[i+2], a[i+3]); on the GPU one 16-byte load (i a multiple of 4)."""
+        def ld4(a, i):
+            return a[i], a[i + 1], a[i + 2], a[i + 3]
+        return ld4
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
+    def make_ld4(op):
+        """ld4(a, i) -> the 4 elements a[i:i+4] of a 1-D array of 32-bit values in one 16-byte load
+        (`op`.v4: PTX through inline asm, since numba has no vector loads); i a multiple of 4 and
+        the array 16-byte aligned."""
+        @intrinsic
+        def ld4(typingctx, arr, idx):
+            dt = arr.dtype
+            sig = types.UniTuple(dt, 4)(arr, idx)
+
+            def codegen(context, builder, sig, args):
+                aty, ity = sig.args
+                ary = context.make_array(aty)(context, builder, value=args[0])
+                i = context.cast(builder, args[1], ity, types.intp)
+                ptr = cgutils.get_item_pointer(context, builder, aty, ary, [i])
+                elt = context.get_value_type(dt)
+                is_f = isinstance(dt, types.Float)
+                c = "f" if is_f else "r"
+                fnty = ir.FunctionType(ir.LiteralStructType([elt] * 4), [ptr.type])
+                asm = ir.InlineAsm(fnty, f"{op}.v4.{'f32' if is_f else 'u32'} {{$0, $1, $2, $3}}, [$4];",
+                                   f"={c},={c},={c},={c},l")
+                r = builder.call(asm, [ptr])
+                return context.make_tuple(builder, sig.return_type, [builder.extract_value(r, k) for k in range(4)])
+            return sig, codegen
+        return ld4
+
+ldx4 = make_ld4(LD_X)
+
+
 # ------------------------------------------------------------------ GEMV (one token)
 
-@device
-def _dot4(w, x0, x1, x2, x3):
-    return _i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3
-
-
-@device
-def _dot8(w, x0, x1, x2, x3, x4, x5, x6, x7, off):
-    return (_nib(w, off) * x0 + _nib(w >> _S8, off) * x1 + _nib(w >> _S16, off) * x2 + _nib(w >> _S24, off) * x3
-            + _nib(w >> _S4, off) * x4 + _nib(w >> _S12, off) * x5 + _nib(w >> _S20, off) * x6
-            + _nib(w >> _S28, off) * x7)
-
-
-_M19 = U32(0x00780000)            # a nibble moved to mantissa bits 19..22 ...
-_ONE = U32(0x3F800000)            # ... of 1.0: the float 1 + q / 16, exactly
+_M15 = U32(0x007F8000)            # a byte moved to mantissa bits 15..22 ...
+_M19 = U32(0x00780000)            # ... or a nibble to bits 19..22 ...
+_ONE = U32(0x3F800000)            # ... of 1.0: the float 1 + u/256 (1 + q/16), exactly
+_FLIP = U32(0x80808080)           # int8 b -> unsigned u = b + 128, four bytes at once
 _S1, _S3, _S5, _S7, _S9, _S11, _S15, _S19 = (U32(s) for s in (1, 3, 5, 7, 9, 11, 15, 19))
 
 
 @device
+def _ub(v):
+    """1 + u/256 for the byte u already shifted to bits 15..22 of v."""
+    return bits_to_f32((v & _M15) | _ONE)
+
+
+@device
 def _u(v):
-    """1 + q / 16 for the nibble q already shifted to bits 19..22 of v."""
+    """1 + q/16 for the nibble q already shifted to bits 19..22 of v."""
     return bits_to_f32((v & _M19) | _ONE)
 
 
 @device
-def _dot8u(w, x0, x1, x2, x3, x4, x5, x6, x7):
-    """sum (1 + q_c / 16) x_c over the 8 nibbles of w (low nibbles of bytes 0..3 -> x0..x3, high -> x4..x7):
-    a shift, a logic op and an FMA per value (no int-to-float conversion, no subtraction)."""
-    return (_u(w << _S19) * x0 + _u(w << _S11) * x1 + _u(w << _S3) * x2 + _u(w >> _S5) * x3
+def _dot4b(acc, w, x0, x1, x2, x3):
+    """acc + sum (1 + u_k/256) x_k over the 4 flipped bytes of w: a shift, a logic op and an FMA a value."""
+    return acc + _ub(w << _S15) * x0 + _ub(w << _S7) * x1 + _ub(w >> _S1) * x2 + _ub(w >> _S9) * x3
+
+
+@device
+def _dot8u(acc, w, x0, x1, x2, x3, x4, x5, x6, x7):
+    """acc + sum (1 + q/16) x over the 8 nibbles of w (low nibbles of bytes 0..3 -> x0..x3, high -> x4..x7)."""
+    return (acc + _u(w << _S19) * x0 + _u(w << _S11) * x1 + _u(w << _S3) * x2 + _u(w >> _S5) * x3
             + _u(w << _S15) * x4 + _u(w << _S7) * x5 + _u(w >> _S1) * x6 + _u(w >> _S9) * x7)
 
 
 @device
-def _dot4s(w, x0, x1, x2, x3):
-    return _i8(w) * x0 + _i8(w >> _S8) * x1 + _i8(w >> _S16) * x2 + _i8(w >> _S24) * x3
-
-
-_LO32 = np.uint64(0xFFFFFFFF)
-_S32 = np.uint64(32)
-
-
-@device
-def _dot8s(w, x0, x1, x2, x3, x4, x5, x6, x7):
-    """8 int8 values of a uint64 word against x0..x7."""
-    return _dot4s(U32(w & _LO32), x0, x1, x2, x3) + _dot4s(U32(w >> _S32), x4, x5, x6, x7)
+def _d16(w, xv):
+    """sum (1 + u/256) x over the 16 int8 values of a 16-byte chunk (w: its 4 words) against xv (16,)."""
+    d = _dot4b(np.float32(0.0), w[0] ^ _FLIP, xv[0], xv[1], xv[2], xv[3])
+    d = _dot4b(d, w[1] ^ _FLIP, xv[4], xv[5], xv[6], xv[7])
+    d = _dot4b(d, w[2] ^ _FLIP, xv[8], xv[9], xv[10], xv[11])
+    return _dot4b(d, w[3] ^ _FLIP, xv[12], xv[13], xv[14], xv[15])
 
 
 @device
-def _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw):
-    """Int8 uint64-word column k of 4 rows against its 8 staged x values (scaled unless per_row)."""
-    return _col8w(qa[k], qb[k], qc[k], qd[k], sa, sb, sc, sd, k, gs, per_row, xs, nw)
+def _d32(w, lo, hi):
+    """sum (1 + q/16) x over the 32 nibbles of a 16-byte int4 chunk: low nibbles against lo (16,), high against hi."""
+    d = _dot8u(np.float32(0.0), w[0], lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3])
+    d = _dot8u(d, w[1], lo[4], lo[5], lo[6], lo[7], hi[4], hi[5], hi[6], hi[7])
+    d = _dot8u(d, w[2], lo[8], lo[9], lo[10], lo[11], hi[8], hi[9], hi[10], hi[11])
+    return _dot8u(d, w[3], lo[12], lo[13], lo[14], lo[15], hi[12], hi[13], hi[14], hi[15])
 
 
 @device
-def _col8w(wa, wb, wc, wd, sa, sb, sc, sd, k, gs, per_row, xs, nw):
-    """_col8 on words already loaded (the unrolled loop loads all 16 first, so they are in flight together)."""
-    x0, x1, x2, x3 = xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k]
-    x4, x5, x6, x7 = xs[U32(4) * nw + k], xs[U32(5) * nw + k], xs[U32(6) * nw + k], xs[U32(7) * nw + k]
-    d0 = _dot8s(wa, x0, x1, x2, x3, x4, x5, x6, x7)
-    d1 = _dot8s(wb, x0, x1, x2, x3, x4, x5, x6, x7)
-    d2 = _dot8s(wc, x0, x1, x2, x3, x4, x5, x6, x7)
-    d3 = _dot8s(wd, x0, x1, x2, x3, x4, x5, x6, x7)
+def _x16(x, nw, i, has_norm, ss):
+    """x[i:i+16] in four 16-byte loads, times the norm weight when given; ss += their squares."""
+    a0, a1, a2, a3 = ldx4(x, i)
+    b0, b1, b2, b3 = ldx4(x, i + 4)
+    c0, c1, c2, c3 = ldx4(x, i + 8)
+    d0, d1, d2, d3 = ldx4(x, i + 12)
+    if has_norm:
+        ss += (((a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)) + ((b0 * b0 + b1 * b1) + (b2 * b2 + b3 * b3))) \
+            + (((c0 * c0 + c1 * c1) + (c2 * c2 + c3 * c3)) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)))
+        e0, e1, e2, e3 = ldx4(nw, i)
+        f0, f1, f2, f3 = ldx4(nw, i + 4)
+        g0, g1, g2, g3 = ldx4(nw, i + 8)
+        h0, h1, h2, h3 = ldx4(nw, i + 12)
+        a0, a1, a2, a3 = a0 * e0, a1 * e1, a2 * e2, a3 * e3
+        b0, b1, b2, b3 = b0 * f0, b1 * f1, b2 * f2, b3 * f3
+        c0, c1, c2, c3 = c0 * g0, c1 * g1, c2 * g2, c3 * g3
+        d0, d1, d2, d3 = d0 * h0, d1 * h1, d2 * h2, d3 * h3
+    return (a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3), ss
+
+
+@device
+def _sum16(v):
+    return ((((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])))
+            + (((v[8] + v[9]) + (v[10] + v[11])) + ((v[12] + v[13]) + (v[14] + v[15]))))
+
+
+@device
+def _int8_chunk(c, x, nw, has_norm, ss, wa, wb, wc, wd, sa, sb, sc, sd, gs, per_row, a0, a1, a2, a3):
+    """One 16-byte chunk c (inputs 16c..16c+15) of 4 int8 rows added to a0..a3:
+    sum b x = 256 (d - 1.5 sum x) with d = sum (1 + u/256) x (the 256 is applied at the end)."""
+    xv, ss = _x16(x, nw, c << U32(4), has_norm, ss)
+    xs = np.float32(1.5) * _sum16(xv)
+    da, db, dc, dd = _d16(wa, xv) - xs, _d16(wb, xv) - xs, _d16(wc, xv) - xs, _d16(wd, xv) - xs
     if per_row:
-        return d0, d1, d2, d3
-    g = (k << U32(3)) >> gs
-    return d0 * np.float32(sa[g]), d1 * np.float32(sb[g]), d2 * np.float32(sc[g]), d3 * np.float32(sd[g])
+        return a0 + da, a1 + db, a2 + dc, a3 + dd, ss
+    g = (c << U32(4)) >> gs
+    return (a0 + np.float32(sa[g]) * da, a1 + np.float32(sb[g]) * db, a2 + np.float32(sc[g]) * dc,
+            a3 + np.float32(sd[g]) * dd, ss)
 
 
 @device
-def _dot16u(w, x):
-    """sum (1 + q/16) x over the 16 nibbles of a uint64 word (bytes 0..7: low nibbles -> x[0..7], high -> x[8..15])."""
-    lo, hi = U32(w & _LO32), U32(w >> _S32)
-    return (_dot8u(lo, x[0], x[1], x[2], x[3], x[8], x[9], x[10], x[11])
-            + _dot8u(hi, x[4], x[5], x[6], x[7], x[12], x[13], x[14], x[15]))
-
-
-@device
-def _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw):
-    """Int4 uint64-word column k of 4 rows (see _col4uw)."""
-    return _col4uw(qa[k], qb[k], qc[k], qd[k], sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
-
-
-@device
-def _col4uw(wa, wb, wc, wd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw):
-    """Int4 words of column k of 4 rows, already loaded: sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x,
-    times the scale (with mins: 16 s (d - sum x) + m sum x)."""
-    x = (xs[k], xs[nw + k], xs[U32(2) * nw + k], xs[U32(3) * nw + k], xs[U32(4) * nw + k], xs[U32(5) * nw + k],
-         xs[U32(6) * nw + k], xs[U32(7) * nw + k], xs[U32(8) * nw + k], xs[U32(9) * nw + k], xs[U32(10) * nw + k],
-         xs[U32(11) * nw + k], xs[U32(12) * nw + k], xs[U32(13) * nw + k], xs[U32(14) * nw + k],
-         xs[U32(15) * nw + k])
-    xsum = (((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))) \
-        + (((x[8] + x[9]) + (x[10] + x[11])) + ((x[12] + x[13]) + (x[14] + x[15])))
-    g = (k << U32(3)) >> hs
-    d0, d1, d2, d3 = _dot16u(wa, x), _dot16u(wb, x), _dot16u(wc, x), _dot16u(wd, x)
-    c16 = np.float32(16.0)
+def _int4_chunk(c, x, nw, has_norm, ss, wa, wb, wc, wd, sa, sb, sc, sd, mins, ra, rb, rc, rd, has_mins, gshift,
+                a0, a1, a2, a3):
+    """One 16-byte chunk c of 4 int4 rows (32 inputs: byte j of the chunk holds input lo + j and hi + j)
+    added to a0..a3 over 16: sum (q - 8) x = 16 (d - 1.5 sum x), with mins s q + m: 16 s (d - sum x) + m sum x."""
+    byte = c << U32(4)
+    hs = gshift - U32(1)
+    g = byte >> hs
+    lo = (g << gshift) + (byte & ((U32(1) << hs) - U32(1)))
+    xl, ss = _x16(x, nw, lo, has_norm, ss)
+    xh, ss = _x16(x, nw, lo + (U32(1) << hs), has_norm, ss)
+    xs = _sum16(xl) + _sum16(xh)
+    da, db, dc, dd = _d32(wa, xl, xh), _d32(wb, xl, xh), _d32(wc, xl, xh), _d32(wd, xl, xh)
     if has_mins:
-        return (c16 * np.float32(sa[g]) * (d0 - xsum) + np.float32(mins[ra, g]) * xsum,
-                c16 * np.float32(sb[g]) * (d1 - xsum) + np.float32(mins[rb, g]) * xsum,
-                c16 * np.float32(sc[g]) * (d2 - xsum) + np.float32(mins[rc, g]) * xsum,
-                c16 * np.float32(sd[g]) * (d3 - xsum) + np.float32(mins[rd, g]) * xsum)
-    c24 = np.float32(-24.0) * xsum
-    return (np.float32(sa[g]) * (c16 * d0 + c24), np.float32(sb[g]) * (c16 * d1 + c24),
-            np.float32(sc[g]) * (c16 * d2 + c24), np.float32(sd[g]) * (c16 * d3 + c24))
-
-
-@device
-def _slot8(i, nwd, gshift, hshift, group, half):
-    """Where x[i] goes in the int8 GEMV's shared copy: value c of uint64 word k at c * n/8 + k."""
-    return (i & 7) * nwd + (i >> 3)
-
-
-@device
-def _slot4(i, nwd, gshift, hshift, group, half):
-    """Where x[i] goes for the int4 GEMV: low nibbles of bytes 8k+c at c * n/16 + k, high ones at (8 + c) * n/16 + k."""
-    j = i & (group - 1)
-    byte = (i >> gshift) * half + (j & (half - 1))
-    return ((byte & 7) + 8 * (j >> hshift)) * nwd + (byte >> 3)
-
-
-def _make_stage(slot):
-    @cuda.jit(device=True, inline=True)
-    def stage(x, norm_w, eps, red, part, xs, nwd, gshift):
-        """x (normalised when norm_w is given) into shared memory at slot(i); 8 loads in flight per
-        thread (a plain loop waited out one L2 round trip per element: microseconds per block)."""
-        t = cuda.threadIdx.x
-        n = x.shape[0]
-        has_norm = norm_w.shape[0] > 0
-        inv = np.float32(1.0)
-        if has_norm:                      # uniform: every thread reaches block_sum
-            ss = np.float32(0.0)
-            for i in range(t, n, 8 * BLOCK):
-                for j in range(8):
-                    if i + j * BLOCK < n:
-                        v = x[i + j * BLOCK]
-                        ss += v * v
-            ss = block_sum(ss, red, part)
-            inv = np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
-        group = 1 << gshift
-        hshift = gshift - 1
-        half = group >> 1
-        for i in range(t, n, 8 * BLOCK):
-            v0 = x[i]
-            v1 = x[i + BLOCK] if i + BLOCK < n else np.float32(0.0)
-            v2 = x[i + 2 * BLOCK] if i + 2 * BLOCK < n else np.float32(0.0)
-            v3 = x[i + 3 * BLOCK] if i + 3 * BLOCK < n else np.float32(0.0)
-            v4 = x[i + 4 * BLOCK] if i + 4 * BLOCK < n else np.float32(0.0)
-            v5 = x[i + 5 * BLOCK] if i + 5 * BLOCK < n else np.float32(0.0)
-            v6 = x[i + 6 * BLOCK] if i + 6 * BLOCK < n else np.float32(0.0)
-            v7 = x[i + 7 * BLOCK] if i + 7 * BLOCK < n else np.float32(0.0)
-            for j, v in enumerate((v0, v1, v2, v3, v4, v5, v6, v7)):
-                ii = i + j * BLOCK
-                if ii < n:
-                    if has_norm:
-                        v = v * inv * norm_w[ii]
-                    xs[slot(ii, nwd, gshift, hshift, group, half)] = v
-        cuda.syncthreads()
-    return stage
-
-
-_stage8, _stage4 = _make_stage(_slot8), _make_stage(_slot4)
+        xm = xs * np.float32(0.0625)
+        return (a0 + np.float32(sa[g]) * (da - xs) + np.float32(mins[ra, g]) * xm,
+                a1 + np.float32(sb[g]) * (db - xs) + np.float32(mins[rb, g]) * xm,
+                a2 + np.float32(sc[g]) * (dc - xs) + np.float32(mins[rc, g]) * xm,
+                a3 + np.float32(sd[g]) * (dd - xs) + np.float32(mins[rd, g]) * xm, ss)
+    xs = np.float32(1.5) * xs
+    return (a0 + np.float32(sa[g]) * (da - xs), a1 + np.float32(sb[g]) * (db - xs),
+            a2 + np.float32(sc[g]) * (dc - xs), a3 + np.float32(sd[g]) * (dd - xs), ss)
 
 
 @cuda.jit(device=True, inline=True)
-def _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows, split):
-    """Warp sums of the 4 rows, then the split warps sharing them; the first stores."""
+def _finish4(part, red, a0, a1, a2, a3, ss, has_norm, ks, KS, mul, n, eps):
+    """Warp sums of the 4 rows (and of x's squares), then over the KS warps sharing the rows;
+    returns the 4 results (times mul and 1/rms) valid in lane 0 of the first of those warps."""
     t = cuda.threadIdx.x
     w, lane = t >> 5, t & 31
     a0, a1, a2, a3 = warp_sum4(a0, a1, a2, a3, red)
-    if lane == 0:
-        part[w, 0], part[w, 1], part[w, 2], part[w, 3] = a0, a1, a2, a3
-    cuda.syncthreads()
-    if lane == 0 and w % split == 0:
-        for s in range(1, split):
-            a0 += part[w + s, 0]
-            a1 += part[w + s, 1]
-            a2 += part[w + s, 2]
-            a3 += part[w + s, 3]
-        _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
+    if has_norm:
+        ss = warp_sum(ss, red)
+    if KS > 1:
+        if lane == 0:
+            part[w, 0], part[w, 1], part[w, 2], part[w, 3], part[w, 4] = a0, a1, a2, a3, ss
+        cuda.syncthreads()
+        if lane == 0 and ks == 0:
+            for s in range(1, KS):
+                a0 += part[w + s, 0]
+                a1 += part[w + s, 1]
+                a2 += part[w + s, 2]
+                a3 += part[w + s, 3]
+                ss += part[w + s, 4]
+    if has_norm:
+        mul = mul / math.sqrt(ss / np.float32(n) + eps)
+    return a0 * mul, a1 * mul, a2 * mul, a3 * mul
 
 
-def _make_gemv_int8(per_row, split):
-    rows_per_block = BLOCK // 32 // split * 4
+WPB = BLOCK // 32                 # warps per block
+GEMV_KS = 0                       # warps sharing 4 rows (splitting the inputs); 0: chosen per shape
+GEMV_PIPE = True                  # software-pipelined loop (else: two chunks loaded, then computed)
+GEMV_MAXREG = 0                   # register cap of the quantized GEMVs (0: the compiler's choice)
+MIN_GEMV_BLOCKS = 256             # below this many blocks a GEMV splits its inputs over more warps
+_GEMV = {}
 
-    @cuda.jit(fastmath=True)
-    def gemv_int8_kernel(x, norm_w, eps, qw, scales, gshift, res, act, out):
-        """out (rows,) = [rmsnorm](x (n,)) @ W.T [+ res] | act on (gate, up) row pairs, for Int8Weight:
-        qw (rows, n/8) uint64 words (8 int8 each), scales (rows, n >> gshift) (gshift PER_ROW: one per row).
-        x is normalised and staged once per block in shared memory, permuted so that word column k
-        finds its 8 values at k + c * n/8 (conflict-free). `split` warps share 4 rows, each taking
-        every split-th run of 32 words; 4 columns are loaded per step (16 x 8 bytes in flight per lane).
-        Row views and unsigned indices keep the index arithmetic out of the inner loop."""
-        xs = cuda.shared.array(0, F32)
+
+def _gemv_q_kernel(kind, KS, flag, ldw=None, pipe=None, maxreg=None):
+    """The int8 (flag: per-row scales) or int4 (flag: has mins) GEMV with KS warps sharing 4 rows,
+    compiled once per variant (KS, the flag, the weight load's PTX, the loop's form and a register
+    cap are constants of the code). pipe: each lane loads the next chunk of its 4 rows while it
+    computes this one; else it loads two chunks, then does the math of both."""
+    ldw = ldw or LD_W
+    pipe = GEMV_PIPE if pipe is None else pipe
+    maxreg = GEMV_MAXREG if maxreg is None else maxreg
+    key = (kind, KS, flag, ldw, pipe, maxreg)
+    if key in _GEMV:
+        return _GEMV[key]
+    RG = WPB // KS                # row groups (4 rows each) per block
+    ld4 = make_ld4(ldw)
+    int8 = kind == "int8"
+    PSHAPE = (WPB, 8)
+
+    opts = {"max_registers": maxreg} if maxreg and not SIM else {}
+
+    @cuda.jit(fastmath=True, **opts)
+    def kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
+        """out (rows,) = [rmsnorm](x (n,)) @ W.T [+ res] | act on (gate, up) row pairs.
+        int8: qw (rows, n/4) uint32 words (4 int8 each), scales (rows, n >> gshift) or (rows, 1);
+        int4: qw (rows, n/8) uint32 (8 nibbles each), scales / mins (rows, n >> gshift), mins (0, 0)
+        when symmetric. A warp owns 4 rows, KS warps split a row's 16-byte chunks; each lane has
+        8 16-byte weight loads in flight (2 chunks of 4 rows) before any math, and reads the x
+        values of its chunks with 16-byte loads (L1 hits after the first warp). The norm needs
+        no extra pass: y = (W (x * w_norm)) / rms(x), sum x^2 gathered along."""
         red = cuda.shared.array(RED4, F32)
-        part = cuda.shared.array(PART, F32)
+        part = cuda.shared.array(PSHAPE, F32)
         t = cuda.threadIdx.x
-        n = x.shape[0]
-        nwd = n >> 3
-        _stage8(x, norm_w, eps, red, part[0], xs, nwd, gshift if gshift != PER_ROW else 2)
-        rows = qw.shape[0]
         w, lane = t >> 5, t & 31
-        r0 = cuda.blockIdx.x * rows_per_block + (w // split) * 4
-        qa, qb, qc, qd = qw[min(r0, rows - 1)], qw[min(r0 + 1, rows - 1)], qw[min(r0 + 2, rows - 1)], qw[min(r0 + 3, rows - 1)]
-        sa, sb, sc, sd = (scales[min(r0, rows - 1)], scales[min(r0 + 1, rows - 1)], scales[min(r0 + 2, rows - 1)],
-                          scales[min(r0 + 3, rows - 1)])
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        nw = U32(nwd)
-        step = U32(32 * split)
-        k = U32((w % split) * 32 + lane)
-        gs = U32(0 if per_row else gshift)
-        while k + U32(3) * step < nw:         # 4 word columns a step: 16 weight loads in flight per lane
-            k1, k2, k3 = k + step, k + U32(2) * step, k + U32(3) * step
-            wa0, wb0, wc0, wd0 = qa[k], qb[k], qc[k], qd[k]
-            wa1, wb1, wc1, wd1 = qa[k1], qb[k1], qc[k1], qd[k1]
-            wa2, wb2, wc2, wd2 = qa[k2], qb[k2], qc[k2], qd[k2]
-            wa3, wb3, wc3, wd3 = qa[k3], qb[k3], qc[k3], qd[k3]
-            p0, p1, p2, p3 = _col8w(wa0, wb0, wc0, wd0, sa, sb, sc, sd, k, gs, per_row, xs, nw)
-            q0, q1, q2, q3 = _col8w(wa1, wb1, wc1, wd1, sa, sb, sc, sd, k1, gs, per_row, xs, nw)
-            u0, u1, u2, u3 = _col8w(wa2, wb2, wc2, wd2, sa, sb, sc, sd, k2, gs, per_row, xs, nw)
-            v0, v1, v2, v3 = _col8w(wa3, wb3, wc3, wd3, sa, sb, sc, sd, k3, gs, per_row, xs, nw)
-            a0 += (p0 + q0) + (u0 + v0)
-            a1 += (p1 + q1) + (u1 + v1)
-            a2 += (p2 + q2) + (u2 + v2)
-            a3 += (p3 + q3) + (u3 + v3)
-            k += U32(4) * step
-        while k < nw:
-            p0, p1, p2, p3 = _col8(qa, qb, qc, qd, sa, sb, sc, sd, k, gs, per_row, xs, nw)
-            a0 += p0
-            a1 += p1
-            a2 += p2
-            a3 += p3
-            k += step
-        if per_row:
-            a0 *= np.float32(sa[0])
-            a1 *= np.float32(sb[0])
-            a2 *= np.float32(sc[0])
-            a3 *= np.float32(sd[0])
-        _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows, split)
-    return gemv_int8_kernel
-
-
-# per_row: one scale per row, applied once at the end (a compile-time constant: no branch in the loop)
-SPLITS = tuple(sp for sp in (1, 2, 4) if sp <= BLOCK // 32)
-GEMV_INT8 = {(pr, sp): _make_gemv_int8(pr, sp) for pr in (False, True) for sp in SPLITS}
-gemv_int8_kernel = GEMV_INT8[False, GEMV_SPLIT]
-
-
-def _make_gemv_int4(has_mins, split):
-    rows_per_block = BLOCK // 32 // split * 4
-
-    @cuda.jit(fastmath=True)
-    def gemv_int4_kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
-        """As gemv_int8_kernel for Int4Weight: qw (rows, n/16) uint64 (bytes 8k..8k+7 of a row, 16 values),
-        scales / mins (rows, n >> gshift), mins (0, 0) when symmetric; gshift = log2(group), group a power
-        of two >= 16. Each nibble becomes the float 1 + q/16 by bit operations; per word column
-        sum (q - 8) x = 16 sum (1 + q/16) x - 24 sum x (sum x shared by the 4 rows)."""
-        xs = cuda.shared.array(0, F32)
-        red = cuda.shared.array(RED4, F32)
-        part = cuda.shared.array(PART, F32)
-        t = cuda.threadIdx.x
-        n = x.shape[0]
-        nwd = n >> 4
-        hshift = gshift - 1
-        _stage4(x, norm_w, eps, red, part[0], xs, nwd, gshift)
+        rg, ks = w // KS, w % KS
         rows = qw.shape[0]
-        w, lane = t >> 5, t & 31
-        r0 = cuda.blockIdx.x * rows_per_block + (w // split) * 4
+        n = x.shape[0]
+        r0 = (cuda.blockIdx.x * RG + rg) * 4
         ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
         qa, qb, qc, qd = qw[ra], qw[rb], qw[rc], qw[rd]
         sa, sb, sc, sd = scales[ra], scales[rb], scales[rc], scales[rd]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        nw = U32(nwd)
-        step = U32(32 * split)
-        hs = U32(hshift)
-        k = U32((w % split) * 32 + lane)
-        while k + U32(3) * step < nw:
-            k1, k2, k3 = k + step, k + U32(2) * step, k + U32(3) * step
-            wa0, wb0, wc0, wd0 = qa[k], qb[k], qc[k], qd[k]
-            wa1, wb1, wc1, wd1 = qa[k1], qb[k1], qc[k1], qd[k1]
-            wa2, wb2, wc2, wd2 = qa[k2], qb[k2], qc[k2], qd[k2]
-            wa3, wb3, wc3, wd3 = qa[k3], qb[k3], qc[k3], qd[k3]
-            p0, p1, p2, p3 = _col4uw(wa0, wb0, wc0, wd0, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
-            q0, q1, q2, q3 = _col4uw(wa1, wb1, wc1, wd1, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k1, hs, xs, nw)
-            u0, u1, u2, u3 = _col4uw(wa2, wb2, wc2, wd2, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k2, hs, xs, nw)
-            v0, v1, v2, v3 = _col4uw(wa3, wb3, wc3, wd3, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k3, hs, xs, nw)
-            a0 += (p0 + q0) + (u0 + v0)
-            a1 += (p1 + q1) + (u1 + v1)
-            a2 += (p2 + q2) + (u2 + v2)
-            a3 += (p3 + q3) + (u3 + v3)
-            k += U32(4) * step
-        while k < nw:
-            p0, p1, p2, p3 = _col4u(qa, qb, qc, qd, sa, sb, sc, sd, mins, has_mins, ra, rb, rc, rd, k, hs, xs, nw)
-            a0 += p0
-            a1 += p1
-            a2 += p2
-            a3 += p3
-            k += step
-        _reduce_rows(part, red, a0, a1, a2, a3, out, res, act, r0, rows, split)
-    return gemv_int4_kernel
+        has_norm = norm_w.shape[0] > 0
+        has_mins = mins.shape[0] > 0
+        gs = U32(gshift)
+        nc = U32(n >> 4) if int8 else U32(n >> 5)
+        step = U32(32 * KS)
+        c = U32(ks * 32 + lane)
+        a0 = a1 = a2 = a3 = ss = np.float32(0.0)
+        if pipe:                                  # next chunk's 4 loads in flight while this one is computed
+            i = min(c, nc - U32(1)) << U32(2)
+            wa, wb, wc, wd = ld4(qa, i), ld4(qb, i), ld4(qc, i), ld4(qd, i)
+            while c < nc:
+                c2 = c + step
+                if c2 < nc:
+                    j = c2 << U32(2)
+                    va, vb, vc, vd = ld4(qa, j), ld4(qb, j), ld4(qc, j), ld4(qd, j)
+                else:
+                    va, vb, vc, vd = wa, wb, wc, wd
+                if int8:
+                    a0, a1, a2, a3, ss = _int8_chunk(c, x, norm_w, has_norm, ss, wa, wb, wc, wd, sa, sb, sc, sd,
+                                                     gs, flag, a0, a1, a2, a3)
+                else:
+                    a0, a1, a2, a3, ss = _int4_chunk(c, x, norm_w, has_norm, ss, wa, wb, wc, wd, sa, sb, sc, sd,
+                                                     mins, ra, rb, rc, rd, flag, gs, a0, a1, a2, a3)
+                wa, wb, wc, wd = va, vb, vc, vd
+                c = c2
+        while c < nc:                             # pairs: 8 loads, then the math of both chunks
+            i = c << U32(2)
+            wa, wb, wc, wd = ld4(qa, i), ld4(qb, i), ld4(qc, i), ld4(qd, i)
+            c2 = c + step
+            cb = c2 if c2 < nc else c             # the second chunk of the pair (repeated at the end, unused)
+            j = cb << U32(2)
+            va, vb, vc, vd = ld4(qa, j), ld4(qb, j), ld4(qc, j), ld4(qd, j)
+            if int8:
+                a0, a1, a2, a3, ss = _int8_chunk(c, x, norm_w, has_norm, ss, wa, wb, wc, wd, sa, sb, sc, sd,
+                                                 gs, flag, a0, a1, a2, a3)
+                if c2 < nc:
+                    a0, a1, a2, a3, ss = _int8_chunk(c2, x, norm_w, has_norm, ss, va, vb, vc, vd, sa, sb, sc, sd,
+                                                     gs, flag, a0, a1, a2, a3)
+            else:
+                a0, a1, a2, a3, ss = _int4_chunk(c, x, norm_w, has_norm, ss, wa, wb, wc, wd, sa, sb, sc, sd,
+                                                 mins, ra, rb, rc, rd, flag, gs, a0, a1, a2, a3)
+                if c2 < nc:
+                    a0, a1, a2, a3, ss = _int4_chunk(c2, x, norm_w, has_norm, ss, va, vb, vc, vd, sa, sb, sc, sd,
+                                                     mins, ra, rb, rc, rd, flag, gs, a0, a1, a2, a3)
+            c = c2 + step
+        mul = np.float32(256.0) if int8 else np.float32(16.0)
+        a0, a1, a2, a3 = _finish4(part, red, a0, a1, a2, a3, ss, has_norm, ks, KS, mul, n, eps)
+        if lane == 0 and ks == 0:
+            if int8 and flag:
+                a0, a1, a2, a3 = (a0 * np.float32(sa[0]), a1 * np.float32(sb[0]), a2 * np.float32(sc[0]),
+                                  a3 * np.float32(sd[0]))
+            _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
+
+    _GEMV[key] = kernel
+    return kernel
 
 
-GEMV_INT4 = {(m, sp): _make_gemv_int4(m, sp) for m in (False, True) for sp in SPLITS}   # has_mins: constant
-gemv_int4_kernel = GEMV_INT4[False, GEMV_SPLIT]
+def gemv_split(kind: str, n: int, rows: int) -> int:
+    """Warps sharing 4 rows: as many as leave each lane 4 chunks of a row (2 in pairs), more when
+    that leaves fewer than MIN_GEMV_BLOCKS blocks (o_proj, down_proj of small models), as long
+    as every lane keeps a chunk."""
+    if GEMV_KS:
+        return min(GEMV_KS, WPB)
+    nc = n // (16 if kind == "int8" else 32)
+    ks = 1
+    per = 128 if GEMV_PIPE else 64             # chunks of a row per warp: 4 a lane pipelined, 2 in pairs
+    while ks < WPB and nc >= per * ks * 2:
+        ks *= 2
+    while ks < WPB and nc >= 32 * ks * 2 and blocks(rows, WPB // ks * 4) < MIN_GEMV_BLOCKS:
+        ks *= 2
+    return ks
 
 
 # ------------------------------------------------------------------ element loaders (GEMM, embed, dense GEMV)
@@ -569,36 +554,46 @@ def dummy(ndim: int = 1):
 
 
 def gemv_fits(kind: str, n: int, group: int) -> bool:
-    """Whether the one-token GEMV kernel takes this shape (else the tiled GEMM does)."""
-    if n > MAX_SMEM_X:                     # the GEMVs stage x in shared memory
-        return False
+    """Whether the one-token GEMV kernel takes this shape (else the tiled GEMM does): int8 with
+    16-byte chunks (n % 16) and one scale per chunk (per row, or groups of 16 or more); int4 with
+    32-input chunks inside one group (groups of 32 or more, powers of two)."""
     if kind == "int8":
-        return n % 8 == 0 and (group == n or (log2_exact(group) >= 3 and n % group == 0))
+        return n % 16 == 0 and (group == n or (log2_exact(group) >= 4 and n % group == 0))
     if kind == "int4":
-        return log2_exact(group) >= 4 and n % group == 0
-    return True
+        return n % 32 == 0 and log2_exact(group) >= 5 and n % group == 0
+    return n <= MAX_SMEM_X                 # the dense GEMV stages x in shared memory
+
+
+def _aligned(*arrays) -> bool:
+    """16-byte aligned device arrays (the GEMV's vector loads); always under the simulator."""
+    return SIM or all(a.__cuda_array_interface__["data"][0] % 16 == 0 for a in arrays if a.size)
 
 
 def launch_gemv(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act=ACT_NONE, stream=0):
     """One token: out (rows,) [or (rows/2,) with act] = act/res(x (n,) [normed] @ W.T).
-    fields: int8 (uint64 words, scales); int4 (uint64 words, scales, mins); dense (w,)."""
+    fields: int8 (uint32 words, scales); int4 (uint32 words, scales, mins); dense (w,).
+    Returns False (nothing launched) when x or the norm weight is not 16-byte aligned."""
     n = x.shape[0]
     rows = fields[0].shape[0]
-    split = GEMV_SPLIT
-    while split < SPLITS[-1] and blocks(rows, BLOCK // 32 // split * 4) < MIN_GEMV_BLOCKS:
-        split *= 2                         # few rows (o_proj, down_proj): split the inputs to fill the GPU
-    grid = blocks(rows, BLOCK // 32 // split * 4)
     nw = dummy() if norm_w is None else norm_w
     rs = dummy() if res is None else res
-    smem = 4 * n
-    if kind == "int8":
-        gs = PER_ROW if group == n else log2_exact(group)
-        go(GEMV_INT8[gs == PER_ROW, split], grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], gs, rs, act, out))
-    elif kind == "int4":
-        go(GEMV_INT4[fields[2].shape[0] > 0, split], grid, BLOCK, stream, smem, (x, nw, np.float32(eps), fields[0], fields[1], fields[2],
-                                                          log2_exact(group), rs, act, out))
+    if kind in ("int8", "int4"):
+        if not _aligned(x, nw):
+            return False
+        ks = gemv_split(kind, n, rows)
+        grid = blocks(rows, WPB // ks * 4)
+        if kind == "int8":
+            per_row = group == n
+            k = _gemv_q_kernel("int8", ks, per_row)
+            args = (x, nw, np.float32(eps), fields[0], fields[1], dummy(2), 0 if per_row else log2_exact(group),
+                    rs, act, out)
+        else:
+            k = _gemv_q_kernel("int4", ks, fields[2].shape[0] > 0)
+            args = (x, nw, np.float32(eps), fields[0], fields[1], fields[2], log2_exact(group), rs, act, out)
+        go(k, grid, BLOCK, stream, 0, args)
     else:
         go(GEMV_DENSE[kind], blocks(rows, DENSE_ROWS), BLOCK, stream, 4 * n, (x, nw, np.float32(eps), fields[0], rs, act, out))
+    return True
 
 
 def launch_gemm(kind, x, a, b, c, group, out, bias=None, res=None, stream=0):
@@ -628,14 +623,14 @@ def _gemm(kind, x, a, b, c, group, out):
     n = x.shape[1]
     if x.shape[0] == 1 and gemv_fits(kind, n, group):
         if kind == "int8":
-            f = (a.view(np.uint64), b)
+            f = (a.view(np.uint32), b)
         elif kind == "int4":
-            f = (a.view(np.uint64), b, c if c.shape[0] > 0 else dummy(2))
+            f = (a.view(np.uint32), b, c if c.shape[0] > 0 else dummy(2))
         else:
             f = (a,)
-        launch_gemv(kind, x.reshape(n), f, group, out.reshape(out.shape[1]))
-    else:
-        launch_gemm(kind, x, a, b, c if c.shape[0] > 0 else dummy(2), group, out)
+        if launch_gemv(kind, x.reshape(n), f, group, out.reshape(out.shape[1])):
+            return
+    launch_gemm(kind, x, a, b, c if c.shape[0] > 0 else dummy(2), group, out)
 
 
 def gemm_f32(x, w, out):

@@ -326,3 +326,38 @@ def test_unsupported_family_is_refused():
         pass
     with pytest.raises(EdgerunError, match="not on the GPU yet"):
         get_backend("cuda").prepare(Other())
+
+
+# ------------------------------------------------------------------ sampling on the device
+
+SAMPLE_CASES = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.0, top_k=20),
+                dict(temperature=0.8, top_p=0.9), dict(temperature=1.3, top_k=50, top_p=0.7)]
+
+
+@pytest.mark.parametrize("params", SAMPLE_CASES, ids=[str(p) for p in SAMPLE_CASES])
+def test_device_sampler_matches_cpu_sampler(params):
+    """The kept distribution equals candidate_probs (float32 vs float64), greedy equals argmax, and a
+    uniform u picks the token the CPU Sampler's inverse-CDF draw picks for the same u."""
+    from edgerun.generate.sampling import SamplingParams, candidate_probs
+    from edgerun.kernels_cuda.sampling import launch_sample
+    V = 300
+    logits = (3 * rng.standard_normal(V)).astype(np.float32)
+    p = SamplingParams(**params)
+    out = cuda.device_array(1, np.int32)
+    g = dev(logits)
+    if p.greedy:
+        launch_sample(g, 0.0, 0, 1.0, 0.5, out)
+        assert int(out.copy_to_host()[0]) == int(np.argmax(logits))
+        return
+    ids, probs = candidate_probs(logits, p)
+    ref = np.zeros(V)
+    ref[ids] = probs
+    cdf = np.cumsum(probs)
+    for u in rng.random(2):
+        got_p = cuda.device_array(V, np.float32)
+        launch_sample(g, p.temperature, p.top_k, p.top_p, u, out, probs=got_p)
+        check(got_p, ref, 1e-5, f"kept distribution {params}")
+        j = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+        edge = np.min(np.abs(cdf - u * cdf[-1]))
+        if edge > 1e-5:                            # away from a CDF step, float32 and float64 agree
+            assert int(out.copy_to_host()[0]) == int(ids[min(j, ids.size - 1)]), (params, u)

@@ -192,9 +192,12 @@ def _decode(model, prompt: list[int], max_new_tokens: Optional[int], sampler: Sa
     stats.prefill_s = clock() - t
     t = clock()
     history = list(prompt)  # what the repetition penalty sees
+    # a model that can sample where its logits are (the GPU runner) returns the next id instead
+    step_sample = getattr(model, "step_sample", None)
+    next_token = None
 
     while True:
-        token = sampler.sample(logits, history)
+        token = next_token if logits is None else sampler.sample(logits, history)
         if token in stop_ids:
             # the stop id is not output, but text held back for a possible stop string is
             text = stop_filter.feed(detok.flush()) + stop_filter.flush() if detok else ""
@@ -219,7 +222,8 @@ def _decode(model, prompt: list[int], max_new_tokens: Optional[int], sampler: Sa
                 return result("stop", stop_filter.matched)
             return result("length")
         t = clock()
-        logits = _last_row(model.step(state, [token]), 1)
+        next_token = step_sample(state, [token], sampler) if step_sample is not None else None
+        logits = _last_row(model.step(state, [token]), 1) if next_token is None else None
 
 
 def _last_row(logits: np.ndarray, n_ids: int) -> np.ndarray:

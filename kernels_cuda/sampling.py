@@ -1,0 +1,215 @@
+"""Token sampling on the GPU: logits stay on the device, only the sampled token id comes back.
+
+One block of SAMPLE_THREADS threads does the whole draw (a vocabulary is at most a few
+hundred thousand floats, L1/L2-resident); the same steps as edgerun/generate/sampling.py:
+
+- greedy (temperature 0): argmax, the lowest index among equal maxima;
+- temperature -> top-k -> top-p -> draw: logits become order-preserving uint32 keys; the
+  top-k threshold is the largest key T with count(key >= T) >= k, found bit by bit (32 block
+  counts); probabilities exp((l - max) / temperature) over the kept set; the top-p threshold
+  is the largest key with mass(key >= T) >= top_p * total (32 block sums), i.e. the most
+  likely tokens down to the one where the running total first reaches top_p.
+- the draw takes a uniform u from the host's Sampler stream (one per token, as on the CPU) and
+  walks the kept tokens in the CPU sampler's order, so the same seed picks the same token: in
+  descending probability when top-p is on (one more 32-step search on the key), otherwise in
+  ascending id (a block prefix sum over contiguous slices, then one thread walks its slice).
+
+Ties at the top-k threshold keep every tied token (the CPU keeps exactly k, picked by
+argpartition); the kept set otherwise equals ``candidate_probs``' (float32 here, float64 there).
+"""
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._common import F32, SIM, U32, bits_to_f32, block_sum, device
+
+SAMPLE_THREADS = 64 if SIM else 1024
+_NEG = np.float32(-np.inf)
+I32 = np.dtype(np.int32) if SIM else numba.int32
+
+if SIM:
+    def _f32_bits(v):
+        return U32(np.float32(v).view(np.uint32))
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _f32_bits(v):
+        return U32(libdevice.float_as_int(v) & 0xFFFFFFFF)
+
+
+@device
+def _key(v):
+    """float32 -> uint32 whose unsigned order is the float order (NaN below everything)."""
+    if v != v:
+        return U32(0)
+    b = _f32_bits(v)
+    return (b ^ U32(0xFFFFFFFF)) if b >> U32(31) else (b | U32(0x80000000))
+
+
+@cuda.jit(device=True, inline=True)
+def _block_max_arg(v, i, sv, si):
+    """(max v, lowest i holding it) over the block; sv, si shared (SAMPLE_THREADS,)."""
+    t = cuda.threadIdx.x
+    sv[t], si[t] = v, i
+    cuda.syncthreads()
+    s = SAMPLE_THREADS // 2
+    while s > 0:
+        if t < s:
+            ov, oi = sv[t + s], si[t + s]
+            if ov > sv[t] or (ov == sv[t] and oi < si[t]):
+                sv[t], si[t] = ov, oi
+        cuda.syncthreads()
+        s //= 2
+    v, i = sv[0], si[0]
+    cuda.syncthreads()
+    return v, i
+
+
+@cuda.jit(device=True, inline=True)
+def _block_total(v, red, part):
+    return block_sum(v, red, part)
+
+
+@cuda.jit(device=True, inline=True)
+def _mass(logits, n, lo_key, hi_key, m, inv_t, red, part):
+    """Sum of exp((l - m) * inv_t) over keys in [lo_key, hi_key] (float32)."""
+    s = np.float32(0.0)
+    for i in range(cuda.threadIdx.x, n, SAMPLE_THREADS):
+        v = logits[i]
+        k = _key(v)
+        if k >= lo_key and k <= hi_key:
+            s += math.exp((v - m) * inv_t)
+    return _block_total(s, red, part)
+
+
+@cuda.jit
+def sample_kernel(logits, temp_bits, top_k, top_p_bits, u_bits, out, probs):
+    """out[0] = the sampled token id of logits (n,). temperature / top_p as float32 bits, u as
+    u_bits / 2**32 (integers, so that a recorded launch can patch them per step); temperature 0
+    is greedy. probs (n,) or (0,): when given, the kept distribution (normalised) is written there."""
+    sv = cuda.shared.array(SAMPLE_THREADS, F32)
+    si = cuda.shared.array(SAMPLE_THREADS, I32)
+    red = cuda.shared.array(SAMPLE_THREADS, F32)
+    part = cuda.shared.array(32, F32)
+    t = cuda.threadIdx.x
+    n = logits.shape[0]
+    temp = bits_to_f32(temp_bits)
+    top_p = bits_to_f32(top_p_bits)
+    # max (greedy's answer; the softmax's shift)
+    bv, bi = _NEG, np.int32(n)
+    for i in range(t, n, SAMPLE_THREADS):
+        v = logits[i]
+        if v > bv:                                   # NaN never wins; the first of equal values stays
+            bv, bi = v, np.int32(i)
+    m, arg = _block_max_arg(bv, bi, sv, si)
+    if temp <= np.float32(0.0):
+        if t == 0:
+            out[0] = arg if arg < n else 0
+        return
+    inv_t = np.float32(1.0) / temp
+    # top-k threshold on the keys
+    lo = U32(0)
+    if top_k > 0 and top_k < n:
+        for b in range(31, -1, -1):
+            cand = lo | (U32(1) << U32(b))
+            c = np.float32(0.0)
+            for i in range(t, n, SAMPLE_THREADS):
+                if _key(logits[i]) >= cand:
+                    c += np.float32(1.0)
+            if _block_total(c, red, part) >= np.float32(top_k):
+                lo = cand
+    hi = U32(0xFFFFFFFF)
+    total = _mass(logits, n, lo, hi, m, inv_t, red, part)
+    # top-p threshold: the largest key whose upper mass reaches top_p of the total
+    if top_p < np.float32(1.0):
+        need = top_p * total
+        lo2 = U32(0)
+        for b in range(31, -1, -1):               # the largest T with mass(key >= max(T, lo)) >= need
+            cand = lo2 | (U32(1) << U32(b))
+            if _mass(logits, n, max(cand, lo), hi, m, inv_t, red, part) >= need:
+                lo2 = cand
+        lo = max(lo2, lo)
+        total = _mass(logits, n, lo, hi, m, inv_t, red, part)
+    if probs.shape[0] == n:
+        for i in range(t, n, SAMPLE_THREADS):
+            v = logits[i]
+            probs[i] = math.exp((v - m) * inv_t) / total if _key(v) >= lo else np.float32(0.0)
+    target = np.float32(u_bits) * np.float32(2.0 ** -32) * total
+    if top_p < np.float32(1.0):
+        # descending probability: the token whose key K has mass(key > K) <= target < mass(key >= K)
+        kk = U32(0)
+        for b in range(31, -1, -1):
+            cand = kk | (U32(1) << U32(b))
+            if _mass(logits, n, max(cand, lo), hi, m, inv_t, red, part) > target:
+                kk = cand
+        kk = max(kk, lo)
+        # kk: the largest key whose upper mass exceeds the target; its token (lowest id of equal keys)
+        bv2, bi2 = _NEG, np.int32(n)
+        for i in range(t, n, SAMPLE_THREADS):
+            if _key(logits[i]) == kk and bi2 == n:
+                bv2, bi2 = np.float32(1.0), np.int32(i)
+        _, pick = _block_max_arg(bv2, bi2, sv, si)
+        if t == 0:
+            out[0] = pick if pick < n else arg
+        return
+    # ascending id: contiguous slices, a block prefix of their masses, one thread walks its slice
+    per = (n + SAMPLE_THREADS - 1) // SAMPLE_THREADS
+    i0 = t * per
+    i1 = min(i0 + per, n)
+    s = np.float32(0.0)
+    for i in range(i0, i1):
+        v = logits[i]
+        if _key(v) >= lo:
+            s += math.exp((v - m) * inv_t)
+    red[t] = s
+    cuda.syncthreads()
+    if t == 0:                                   # serial prefix over the slices (a few µs for 1024)
+        acc = np.float32(0.0)
+        for j in range(SAMPLE_THREADS):
+            c = red[j]
+            red[j] = acc
+            acc += c
+        sv[0] = acc
+        si[0] = arg
+    cuda.syncthreads()
+    before = red[t]
+    after = red[t + 1] if t + 1 < SAMPLE_THREADS else sv[0]
+    target = np.float32(u_bits) * np.float32(2.0 ** -32) * sv[0]
+    if before <= target and target < after:      # exactly one slice holds the target
+        c = before
+        pick = np.int32(-1)
+        for i in range(i0, i1):
+            v = logits[i]
+            if _key(v) >= lo:
+                pick = np.int32(i)
+                c += math.exp((v - m) * inv_t)
+                if c > target:
+                    break
+        if pick >= 0:
+            si[0] = pick
+    cuda.syncthreads()
+    if t == 0:
+        out[0] = si[0]
+
+
+def launch_sample(logits, temperature: float, top_k: int, top_p: float, u: float, out, probs=None, stream=0):
+    """Sample one token of logits (n,) (device) into out[0] (device int32). u in [0, 1).
+    Dyn arguments (a recorded plan) are passed as they are: already bits."""
+    from ._launch import go
+    from .linear import dummy
+    f = [a if hasattr(a, "name") else b(a) for a, b in ((temperature, f32_bits), (top_k, int), (top_p, f32_bits),
+                                                        (u, u_bits))]
+    args = (logits, f[0], f[1], f[2], f[3], out, dummy() if probs is None else probs)
+    go(sample_kernel, 1, SAMPLE_THREADS, stream, 0, args)
+
+
+def f32_bits(v: float) -> int:
+    return int(np.array(v, np.float32).view(np.int32))
+
+
+def u_bits(u: float) -> int:
+    """A uniform in [0, 1) as an integer in [0, 2**32) (float32 precision is what the kernel uses anyway)."""
+    return min(int(u * 4294967296.0), 4294967295)
