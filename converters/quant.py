@@ -7,8 +7,8 @@ Rules by tensor name, first match wins:
   3. with a low-bit --quant (ternary, ternary_b3, binary), embeddings and the output head stay f16
      (as BitNet keeps them in bf16): ternarizing the vocabulary table ruins a model;
   4. --quant for every other matrix.
-int4 needs the input size to be a multiple of the group; a matrix where it is not falls back to
-int8 per channel. Sparsity (--sparsity S --sparsity-pattern 2:4|unstructured) prunes the layers'
+int4 (and int4_asym, with a min per group) needs the input size to be a multiple of the group; a
+matrix where it is not falls back to int8 per channel. Sparsity (--sparsity S --sparsity-pattern 2:4|unstructured) prunes the layers'
 matrices by magnitude (converters/sparsify.py; never embeddings or the head) and stores them as
 sparse24 / csr with int8 values when their kind is int8, f16 values otherwise; low-bit and int4
 matrices cannot also be sparse. The file records every tensor's kind and parameters, and the
@@ -27,7 +27,8 @@ from edgerun.packed import bf16_bits, f16_bits
 
 from . import sparsify
 
-QUANT_KINDS = ("f32", "f16", "bf16", "int8", "int4", "ternary", "ternary_b3", "binary")
+# int4: symmetric, a scale per group (as Q4_0); int4_asym: a scale and a min per group (as Q4_1)
+QUANT_KINDS = ("f32", "f16", "bf16", "int8", "int4", "int4_asym", "ternary", "ternary_b3", "binary")
 LOWBIT = ("ternary", "ternary_b3", "binary")
 INT4_GROUPS = (32, 64, 128)
 BINARY_GROUP = 128
@@ -39,7 +40,7 @@ EMBED_OR_HEAD = re.compile(r"embed|lm_head|(^|\.)(emb|head|wte|output)\.")
 def check_quant(quant: str, group_size: int | None) -> None:
     if quant not in QUANT_KINDS:
         raise ConversionError(f"unknown --quant {quant!r} (choose one of: {', '.join(QUANT_KINDS)})")
-    if group_size is not None and quant == "int4" and group_size not in INT4_GROUPS:
+    if group_size is not None and quant in ("int4", "int4_asym") and group_size not in INT4_GROUPS:
         raise ConversionError(f"--group-size {group_size} is not supported for int4 (choose 32, 64 or 128)")
     if group_size is not None and quant == "binary" and (group_size <= 0 or group_size % 8):
         raise ConversionError(f"--group-size {group_size} is not supported for binary (a multiple of 8, e.g. 128)")
@@ -123,9 +124,10 @@ class QuantPlan:
         kind = next((k for pat, k in self._compiled if pat is None or pat.search(name)), None)
         if kind is None:
             kind = "f16" if self.quant in LOWBIT and EMBED_OR_HEAD.search(name) else self.quant
-        if kind == "int4":
+        if kind in ("int4", "int4_asym"):
             group = self.group or 32
-            return ("int4", {"group": group}) if shape[1] % group == 0 else ("int8", {})
+            params = {"group": group} if kind == "int4" else {"group": group, "symmetric": False}
+            return ("int4", params) if shape[1] % group == 0 else ("int8", {})
         if kind == "binary":
             return "binary", {"group": self.group or BINARY_GROUP}
         if self.pattern and kind in ("f32", "f16", "bf16", "int8") and not EMBED_OR_HEAD.search(name):

@@ -31,7 +31,7 @@ from ._common import FASTMATH, JIT
 from .ops import rms_norm_heads, rope
 from .paged_attention import paged_attention, store_kv_paged, store_kv_paged_int8
 from .lowbit import EXPAND, KB, TB, _to_planes, dot_24_expand, dot_t2_simd, quantize_rows_int8
-from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int8_row, quantize_act
+from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int4_row_quad, dot_int8_row, quad_order, quantize_act
 
 
 class Int4Rows(NamedTuple):
@@ -43,6 +43,14 @@ class Int4Rows(NamedTuple):
     mins: np.ndarray
     has_mins: bool
     group: int
+
+
+class Int4G32Rows(NamedTuple):
+    """Int4Rows with groups of 32: its row dot reads the activations in quad order (a_[7])."""
+    qs: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray
+    has_mins: bool
 
 
 class TernaryRows(NamedTuple):
@@ -88,6 +96,8 @@ def rows_of(c):
     n = c.qs.shape[1] * 2 if isinstance(c, Int4Weight) else getattr(c, "q", np.empty((0, 0))).shape[1]
     if isinstance(c, Int4Weight) and n % BLOCK == 0 and c.group % BLOCK == 0:
         has_mins = c.mins.shape[0] > 0
+        if c.group == BLOCK:
+            return Int4G32Rows(c.qs, c.scales, c.mins if has_mins else c.scales, has_mins)
         return Int4Rows(c.qs, c.scales, c.mins if has_mins else c.scales, has_mins, c.group)
     if isinstance(c, Int8Weight) and n % BLOCK == 0 and c.group in (BLOCK, n):
         return c
@@ -106,8 +116,8 @@ def _dot_f32(a, b):
 def row_dot(w_, row_, x_, a_):
     """Row row_ of weight w_ times the activations: x_ (float32) for dense kinds; a_ = the
     quantized forms made by quantize_both: (xq, xs, xsum) per block of 32 (simd.quantize_act) for
-    int8 and int4, then (xq, scale, sum) per token (ternary, 2:4) and xq in code order (lowbit) for
-    ternary."""
+    int8 and int4, (xq, scale, sum) per token (ternary, 2:4), xq in code order (lowbit) for
+    ternary, and xq in quad order (simd.quad_order) for int4 with groups of 32."""
     raise NotImplementedError
 
 
@@ -120,6 +130,9 @@ def _row_dot(w_, row_, x_, a_):
     if cls is Int4Rows:
         return lambda w_, row_, x_, a_: dot_int4_row(
             w_.qs[row_], w_.scales[row_], w_.mins[row_], w_.has_mins, a_[0], a_[1], a_[2], w_.group)
+    if cls is Int4G32Rows:
+        return lambda w_, row_, x_, a_: dot_int4_row_quad(
+            w_.qs[row_], w_.scales[row_], w_.mins[row_], w_.has_mins, a_[7], a_[1], a_[2])
     if cls is Int8Weight:
         return lambda w_, row_, x_, a_: dot_int8_row(w_.q[row_], w_.scales[row_], a_[0], a_[1], a_[2], w_.group)
     if cls is TernaryRows:
@@ -143,6 +156,7 @@ def quantize_both(x, a):
     """x (n,) -> a's quantized forms: per block of 32 always; per token (and in code order) only
     when the layer has ternary or 2:4 rows (a[6] not empty)."""
     quantize_act(x, a[0], a[1], a[2])
+    quad_order(a[0], a[7])
     if a[6].shape[1]:
         quantize_rows_int8(x.reshape((1, x.shape[0])), a[3], a[4], a[5])
         _to_planes(a[3][0], a[6])
@@ -154,7 +168,7 @@ def activations(n: int, per_token: bool):
     npad = -(-n // TB) * TB if per_token else 0
     return (np.empty(n, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32),
             np.zeros((1, npad), np.int8), np.empty(1, np.float32), np.empty(1, np.int32),
-            np.empty((4, npad // 4), np.int8))
+            np.empty((4, npad // 4), np.int8), np.empty(n, np.int8))
 
 
 @njit(inline="always", fastmath=FASTMATH)

@@ -13,7 +13,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FASTMATH, JIT, as_float, half_to_float
-from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int4_row4, dot_int8_row, dot_int8_row4, quantize_act
+from .simd import (BLOCK, dot_half_row, dot_int4_row, dot_int4_row4, dot_int4_row_quad, dot_int8_row, dot_int8_row4,
+                   quad_order, quantize_act)
 
 ROW_BLOCK = 16
 
@@ -233,6 +234,13 @@ def gemm_int4_q8(x, qs, scales, mins, group, out):
         gemm_int4(x, qs, scales, mins, group, out)
         return
     has_mins = mins.shape[0] > 0
+    if T == 1 and group == BLOCK:         # activations in the order the nibbles unpack to
+        xq, xs, xsum = _quantized(x[0])
+        xo = np.empty_like(xq)
+        quad_order(xq, xo)
+        for r in prange(qs.shape[0]):
+            out[0, r] = dot_int4_row_quad(qs[r], scales[r], mins[r] if has_mins else scales[r], has_mins, xo, xs, xsum)
+        return
     if T == 1:
         xq, xs, xsum = _quantized(x[0])
         for r in prange(qs.shape[0]):

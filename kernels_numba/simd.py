@@ -341,6 +341,7 @@ def _wide() -> bool:
 
 
 WIDE = _wide()
+QUAD = 4 if WIDE else 2     # blocks per step of dot_int4_row_quad (512- or 256-bit vectors)
 _v16f32, _v16i32, _v64i8 = ir.VectorType(_f32, 16), ir.VectorType(_i32, 16), ir.VectorType(_i8, 64)
 
 
@@ -383,6 +384,104 @@ def _int4_g32_wide(builder, qa, wa, ca, cf, half, nb, tok):
     hi = builder.shuffle_vector(wide, wide, ir.Constant(_v8i32, list(range(8, 16))))
     v = builder.fadd(builder.fadd(lo, hi), builder.load(corr))
     return builder.fadd(_tree_sum(builder, v), tail.acc.total())
+
+
+def _int4_g32_quad(builder, qa, wa, ca, cf, half, nb, tok):
+    """Int4 rows with groups of 32 against activations in quad order (quad_order): per 4 blocks,
+    the 64 nibble bytes' low nibbles are elements 0-15 of blocks 0..3 and the high nibbles elements
+    16-31, which is how the activations are laid out, so the unpacked nibbles meet their
+    activations without a shuffle, and one convert + fma serves 4 blocks (4 int32 lanes each) —
+    1.4x the throughput of _int4_g32_wide (measured 26 -> 36 GB/s of int4 a thread, in cache).
+    Blocks past the last whole 8 (in natural order there): _int4_g32."""
+    eight = ir.Constant(_i64, 8)
+    ntiles = builder.sdiv(nb, eight)
+    vty, dty, fty = (_v64i8, _v16i32, _v16f32) if WIDE else (_v32i8, _v8i32, _v8f32)
+    per = 4 if WIDE else 2                      # blocks per step
+    nbytes = 16 * per
+    acc = [cgutils.alloca_once_value(builder, ir.Constant(fty, None)) for _ in range(2)]
+    corr = cgutils.alloca_once_value(builder, ir.Constant(_v8f32, None))
+    with cgutils.for_range(builder, ntiles) as t:
+        b0 = builder.mul(t.index, eight)
+        sv = builder.fmul(_scales8(builder, wa, b0, half), _scales8(builder, tok.xs, b0, False))
+        c8 = builder.fmul(_splat_f(builder, cf), _scales8(builder, ca, b0, half))
+        builder.store(_intr(builder, "llvm.fma.v8f32", _v8f32,
+                            [c8, _scales8(builder, tok.xsum, b0, False), builder.load(corr)]), corr)
+        for p in range(8 // per):
+            b = builder.add(b0, ir.Constant(_i64, per * p))
+            v = _load(builder, qa, builder.mul(b, ir.Constant(_i64, 16)), vty)
+            lo = builder.and_(v, _splat(vty, 15))
+            hi = builder.and_(builder.lshr(v, _splat(vty, 4)), _splat(vty, 15))
+            xo = builder.add(tok.xq, builder.mul(b, ir.Constant(_i64, BLOCK)))
+            xlo = _load(builder, xo, ir.Constant(_i64, 0), vty)
+            xhi = _load(builder, xo, ir.Constant(_i64, nbytes), vty)
+            if WIDE:
+                d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
+                          [ir.Constant(dty, None), builder.bitcast(lo, dty), builder.bitcast(xlo, dty)])
+                d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
+                          [d, builder.bitcast(hi, dty), builder.bitcast(xhi, dty)])
+            else:
+                d = builder.add(_byte_dot(builder, lo, xlo, False), _byte_dot(builder, hi, xhi, False))
+            idx = sum(([per * p + k] * 4 for k in range(per)), [])
+            s = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
+            a = acc[p % 2]
+            builder.store(_intr(builder, f"llvm.fma.v{fty.count}f32", fty,
+                                [builder.sitofp(d, fty), s, builder.load(a)]), a)
+    done = builder.mul(ntiles, eight)
+
+    def at(base, size):
+        return builder.add(base, builder.mul(done, ir.Constant(_i64, size)))
+
+    tail = _Tok(builder, at(tok.xq, BLOCK), at(tok.xs, 4), at(tok.xsum, 4))
+    _int4_g32(builder, at(qa, 16), at(wa, 2 if half else 4), at(ca, 2 if half else 4), cf, half,
+              builder.sub(nb, done), [tail])
+    v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
+    if WIDE:
+        v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8)))),
+                         builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8, 16)))))
+    return builder.fadd(_tree_sum(builder, builder.fadd(v, builder.load(corr))), tail.acc.total())
+
+
+@njit(**JIT)
+def quad_order(xq, out):
+    """Quantized activations (n,) in natural order -> the order dot_int4_row_quad reads: every
+    whole 8 blocks of 32 (256 inputs) as steps of QUAD blocks, each step elements 0-15 of its
+    blocks, then elements 16-31 of them; the inputs past the last whole 8 blocks as they are."""
+    n8 = xq.shape[0] // 256 * 256
+    for s in range(0, n8, QUAD * BLOCK):
+        for b in range(QUAD):
+            for h in range(2):
+                src = xq[s + BLOCK * b + 16 * h:s + BLOCK * b + 16 * h + 16]
+                dst = out[s + QUAD * 16 * h + 16 * b:s + QUAD * 16 * h + 16 * b + 16]
+                for j in range(16):
+                    dst[j] = src[j]
+    for j in range(n8, xq.shape[0]):
+        out[j] = xq[j]
+
+
+def quad_order_ref(xq: np.ndarray) -> np.ndarray:
+    """NumPy twin of quad_order."""
+    n8 = xq.shape[0] // 256 * 256
+    out = xq.copy()
+    out[:n8] = xq[:n8].reshape(-1, QUAD, 2, 16).transpose(0, 2, 1, 3).reshape(-1)
+    return out
+
+
+@intrinsic
+def dot_int4_row_quad(typingctx, qs, w, m, has_mins, xq, xs, xsum):
+    """dot_int4_row for groups of 32 with xq in quad order (quad_order; xs and xsum as they are)."""
+    if not _contiguous(qs, w, m, xq, xs, xsum):
+        return None
+    _check_int4_types(w, m)
+    sig = types.float32(qs, w, m, has_mins, xq, xs, xsum)
+    half = _is_half(w)
+
+    def codegen(context, builder, sig_, args):
+        qa, wa, ca, cf = _int4_args(context, builder, sig_, args)
+        n = builder.extract_value(context.make_array(sig_.args[4])(context, builder, args[4]).shape, 0)
+        tok = _Tok(builder, *(_addr(context, builder, t, a) for t, a in zip(sig_.args[4:7], args[4:7])))
+        return _int4_g32_quad(builder, qa, wa, ca, cf, half, builder.sdiv(n, ir.Constant(_i64, BLOCK)), tok)
+
+    return sig, codegen
 
 
 def _int4_args(context, builder, sig_, args):

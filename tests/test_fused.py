@@ -70,7 +70,7 @@ def test_fused_float_kinds_equal_op_by_op(case, quant):
         assert rel_err(mixed, got) < SAME_TOL
 
 
-@pytest.mark.parametrize("quant,group", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("quant,group", [("int8", None), ("int4", 32), ("int4_asym", 32), ("int4", 64)])
 def test_fused_packed_kinds_within_activation_quantization(case, quant, group):
     """int8/int4 decode quantizes activations to int8 (fused and op by op alike); both stay within
     the stated activation-quantization error of the float-activation path."""

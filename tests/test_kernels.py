@@ -170,6 +170,18 @@ def test_quantize_act_matches_ref():
     assert xs[1] == 0 and not xq[32:64].any()
 
 
+def test_quad_order_matches_ref():
+    """int4 rows with groups of 32 read the activations in quad order (simd.quad_order): whole
+    8-block tiles permuted, the inputs past them as they are."""
+    from edgerun.kernels_numba import simd
+    for nb in (1, 7, 8, 13, 16, 21):
+        xq = rng(nb).integers(-127, 128, 32 * nb).astype(np.int8)
+        out = np.empty_like(xq)
+        simd.quad_order(xq, out)
+        np.testing.assert_array_equal(out, simd.quad_order_ref(xq))
+        np.testing.assert_array_equal(np.sort(out), np.sort(xq))
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_simd_fallback_isas(isa, tmp_path):
     """The AVX2 and portable code paths (chosen on CPUs without VNNI) give the same results: run
