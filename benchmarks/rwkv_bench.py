@@ -1,12 +1,18 @@
 """RWKV v6 / v7 at the published 0.1B shapes (random weights made here), side by side:
-edgerun int8 vs llama.cpp Q8_0 (same checkpoint, GGUF made by llama.cpp's own converter), and
-BlinkDL's `rwkv` package (torch fp32). Benchmark-only dependencies: torch, rwkv, llama-cpp-python
-and the llama-cpp-python sdist (for vendor/llama.cpp/convert_hf_to_gguf.py).
+edgerun int8 vs llama.cpp Q8_0 and edgerun int4 vs llama.cpp Q4_0 (same checkpoint; llama.cpp's
+own converter makes the Q8_0 GGUF and a bf16 one, which llama.cpp's own quantizer turns into Q4_0),
+and BlinkDL's `rwkv` package (torch fp32). Benchmark-only dependencies: torch, rwkv,
+llama-cpp-python and the llama-cpp-python sdist (for vendor/llama.cpp/convert_hf_to_gguf.py).
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     python benchmarks/rwkv_bench.py --versions 7 6 --threads 1 --llama-cpp-src llama_cpp_python-0.3.36
+    python benchmarks/rwkv_bench.py --long --versions 7 6 --quants int8 --tokens 10000
 
-Prints one JSON line per version: prefill and decode tokens/s (medians, runs interleaved).
+Speed: one JSON line per version, prefill and decode tokens/s per runtime (medians of --repeats
+rounds, every runtime once per round), and edgerun / llama.cpp ratios.
+--long: one greedy generation of --tokens tokens one at a time; the process's resident memory
+(all of it, and its anonymous part: memory-mapped weights excluded) at tokens 100, 1,000 and the
+end, and the mean time per token of the first and the last thousand.
 """
 from __future__ import annotations
 
@@ -102,15 +108,18 @@ def to_hf_layout(version: str, pth: Path, out: Path) -> None:
 
 
 def _time_runs(prefill, step, ids, dec):
-    t = time.perf_counter()
+    """(prefill, decode) tokens/s by the wall clock, then the same by this process's CPU time (all
+    its threads: on a shared machine a runtime's own work, less the waits for a busy core)."""
+    t, c = time.perf_counter(), time.process_time()
     prefill(ids)
-    pf = len(ids) / (time.perf_counter() - t)
-    d = []
+    pf, pf_cpu = len(ids) / (time.perf_counter() - t), len(ids) / (time.process_time() - c)
+    d, dc = [], []
     for x in dec:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step(x)
         d.append(time.perf_counter() - t)
-    return pf, 1 / float(np.median(d))
+        dc.append(time.process_time() - c)
+    return pf, 1 / float(np.median(d)), pf_cpu, 1 / float(np.median(dc))
 
 
 def blinkdl(version: str, pth: Path, threads: int, ids, dec) -> tuple[float, float]:
@@ -134,15 +143,47 @@ print(json.dumps([pf, 1 / float(np.median(d))]))
     return tuple(json.loads(r.stdout.strip().splitlines()[-1])) if r.returncode == 0 else (float("nan"),) * 2
 
 
-def llamacpp_runner(version: str, pth: Path, a, ids, dec):
-    """A callable timing llama.cpp on the Q8_0 GGUF its own converter makes from the same weights."""
+PEER_TYPE = {"int8": "q8_0", "int4": "q4_0"}          # edgerun kind -> llama.cpp type at matching bits
+
+
+def llamacpp_gguf(version: str, pth: Path, a, gtype: str) -> Path:
+    """The GGUF of the same weights: q8_0 straight from llama.cpp's converter; q4_0 by llama.cpp's
+    quantizer (llama_model_quantize, default parameters as llama-quantize) from the converter's bf16."""
     import llama_cpp
-    gguf = a.work / f"rwkv{version}-q8_0.gguf"
-    if not gguf.exists():
-        hf = a.work / f"rwkv{version}-hf"
+    gguf = a.work / f"rwkv{version}-{gtype}.gguf"
+    if gguf.exists():
+        return gguf
+    hf = a.work / f"rwkv{version}-hf"
+    if not (hf / "model.safetensors").exists():
         to_hf_layout(version, pth, hf)
+    conv = a.work / f"rwkv{version}-{'q8_0' if gtype == 'q8_0' else 'bf16'}.gguf"
+    if not conv.exists():
         subprocess.run([sys.executable, str(a.llama_cpp_src / "vendor/llama.cpp/convert_hf_to_gguf.py"),
-                        str(hf), "--outtype", "q8_0", "--outfile", str(gguf)], check=True, capture_output=True)
+                        str(hf), "--outtype", "q8_0" if gtype == "q8_0" else "bf16", "--outfile", str(conv)],
+                       check=True, capture_output=True)
+    if gtype != "q8_0":
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gtype.upper()}")
+        params.nthread = 2
+        tmp = gguf.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(conv).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {conv} to {gtype}")
+        tmp.rename(gguf)
+    return gguf
+
+
+def gguf_types(gguf: Path) -> dict:
+    """{ggml type name: tensor count} of a GGUF (what llama.cpp's quantizer chose per tensor)."""
+    from gguf import GGUFReader
+    out: dict = {}
+    for t in GGUFReader(str(gguf)).tensors:
+        out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
+    return out
+
+
+def llamacpp_runner(gguf: Path, a, ids, dec):
+    """A callable timing llama.cpp on a GGUF."""
+    import llama_cpp
     ll = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_threads=a.threads,
                          n_threads_batch=a.threads, verbose=False)
 
@@ -152,52 +193,131 @@ def llamacpp_runner(version: str, pth: Path, a, ids, dec):
     return run
 
 
+def rss_mb() -> tuple[float, float]:
+    """(resident, resident anonymous) MB of this process: RssAnon leaves out mapped file pages."""
+    info = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+    kb = lambda k: int(info[k].split()[0]) / 1024                                  # noqa: E731
+    return kb("RssAnon") + kb("RssFile") + kb("RssShmem"), kb("RssAnon")
+
+
+def edgerun_file(v: str, quant: str, pth: Path, a) -> Path:
+    from edgerun.converters import convert
+    edr = a.work / f"rwkv{v}-{quant}.edr"
+    if not edr.exists():
+        convert(pth, edr, quant=quant, progress=False)
+    return edr
+
+
+def checkpoint(v: str, a) -> Path:
+    pth = a.work / f"rwkv{v}-0.1b.pth"
+    if not pth.exists():
+        make_pth(v, pth)
+    import rwkv                                   # its World vocabulary goes beside the checkpoint
+    shutil.copy(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt", a.work)
+    return pth
+
+
+def speed(a, ids, dec):
+    import edgerun
+    for v in a.versions:
+        pth = checkpoint(v, a)
+        runners, row = {}, {"bench": "rwkv", "version": v, "threads": a.threads, "prompt": len(ids),
+                            "decode_tokens": len(dec), "repeats": a.repeats}
+        for q in a.quants:
+            m = edgerun.load(edgerun_file(v, q, pth, a), threads=a.threads)
+
+            def ours(m=m):
+                st = m.new_state()
+                return _time_runs(lambda x: m.step(st, x, last_only=True),
+                                  lambda t: m.step(st, [t], last_only=True), ids, dec)
+            runners[f"edgerun_{q}"] = ours
+            if a.llama_cpp_src:
+                gguf = llamacpp_gguf(v, pth, a, PEER_TYPE[q])
+                row[f"llamacpp_{PEER_TYPE[q]}_tensor_types"] = gguf_types(gguf)
+                runners[f"llamacpp_{PEER_TYPE[q]}"] = llamacpp_runner(gguf, a, ids, dec)
+        for run in runners.values():                                   # warm-up: compile, page in
+            run()
+        runs = {k: [] for k in runners}
+        for _ in range(a.repeats):                                     # interleaved rounds
+            for k, run in runners.items():
+                runs[k].append(run())
+        metrics = ("prefill_tok_s", "decode_tok_s", "prefill_cpu_tok_s", "decode_cpu_tok_s")
+        for k, rs in runs.items():
+            rs = np.array(rs)
+            row[k] = {m: round(float(np.median(rs[:, i])), 1) for i, m in enumerate(metrics)}
+            row[k]["prefill_runs"] = [round(x, 1) for x in rs[:, 0]]
+            row[k]["decode_runs"] = [round(x, 1) for x in rs[:, 1]]
+        for q in a.quants:
+            peer = f"llamacpp_{PEER_TYPE[q]}"
+            if peer in row:                       # ratios of the medians, and the median of per-round ratios
+                ours, theirs = np.array(runs[f"edgerun_{q}"]), np.array(runs[peer])
+                row[f"ratio_{q}_vs_{PEER_TYPE[q]}"] = {
+                    m: round(float(np.median(ours[:, i]) / np.median(theirs[:, i])), 3) for i, m in enumerate(metrics)}
+                row[f"ratio_{q}_vs_{PEER_TYPE[q]}"]["per_round_prefill"] = round(
+                    float(np.median(ours[:, 0] / theirs[:, 0])), 3)
+        if not a.no_blinkdl:
+            pf, dc = blinkdl(v, pth, a.threads, ids, dec)
+            row["blinkdl_fp32"] = {"prefill_tok_s": pf, "decode_tok_s": dc}
+        print(json.dumps(row), flush=True)
+
+
+def long(a):
+    """Constant memory: --tokens greedy tokens one at a time from a 4-token prompt."""
+    import edgerun
+    for v in a.versions:
+        pth = checkpoint(v, a)
+        for q in a.quants:
+            m = edgerun.load(edgerun_file(v, q, pth, a), threads=a.threads)
+            warm = m.new_state()                              # compile the one-token path first
+            logits = m.step(warm, [0, 1, 2, 3], last_only=True)
+            for t in range(5):
+                m.step(warm, [int(np.argmax(logits[-1]))], last_only=True)
+            del warm
+            st = m.new_state()
+            logits = m.step(st, [0, 17, 250, 3], last_only=True)
+            times, rss, seen = np.empty(a.tokens), {}, set()
+            marks = {100, 1000, a.tokens}
+            for i in range(1, a.tokens + 1):
+                tok = int(np.argmax(logits[-1]))
+                seen.add(tok)
+                t0 = time.perf_counter()
+                logits = m.step(st, [tok], last_only=True)
+                times[i - 1] = time.perf_counter() - t0
+                if i in marks:
+                    rss[i] = rss_mb()
+            first, last = times[:1000].mean(), times[-1000:].mean()
+            row = {"bench": "rwkv_long", "version": v, "quant": q, "threads": a.threads, "tokens": a.tokens,
+                   "distinct_tokens": len(seen), "state_mb": round(st.nbytes / 2**20, 3),
+                   "rss_mb": {k: round(r[0], 2) for k, r in sorted(rss.items())},
+                   "rss_anon_mb": {k: round(r[1], 2) for k, r in sorted(rss.items())},
+                   "rss_growth_mb_100_to_end": round(rss[a.tokens][0] - rss[100][0], 3),
+                   "rss_anon_growth_mb_100_to_end": round(rss[a.tokens][1] - rss[100][1], 3),
+                   "first_1000_ms": round(first * 1e3, 3), "last_1000_ms": round(last * 1e3, 3),
+                   "last_vs_first": round(last / first, 4),
+                   "finite": bool(np.isfinite(logits).all())}
+            print(json.dumps(row), flush=True)
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--versions", nargs="+", default=["7", "6"])
+    ap.add_argument("--quants", nargs="+", default=["int8", "int4"], choices=list(PEER_TYPE))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--llama-cpp-src", type=Path, default=None, help="unpacked llama-cpp-python sdist")
     ap.add_argument("--work", type=Path, default=Path("benchmarks/results/rwkv"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-blinkdl", action="store_true", help="leave BlinkDL's package out")
+    ap.add_argument("--long", action="store_true", help="constant-memory run instead of the speed table")
+    ap.add_argument("--tokens", type=int, default=10000, help="--long: tokens to generate")
     a = ap.parse_args()
-    import edgerun
-    from edgerun.converters import convert
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.long:
+        long(a)
+        return
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(1, V - 1, 256)]
     dec = [int(i) for i in rng.integers(1, V - 1, 48)]
-    for v in a.versions:
-        pth = a.work / f"rwkv{v}-0.1b.pth"
-        if not pth.exists():
-            make_pth(v, pth)
-        import rwkv                                   # its World vocabulary goes beside the checkpoint
-        shutil.copy(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt", a.work)
-        edr = a.work / f"rwkv{v}-int8.edr"
-        if not edr.exists():
-            convert(pth, edr, quant="int8", progress=False)
-        m = edgerun.load(edr, threads=a.threads)
-
-        def ours():
-            st = m.new_state()
-            return _time_runs(lambda x: m.step(st, x, last_only=True), lambda t: m.step(st, [t], last_only=True),
-                              ids, dec)
-        peer = llamacpp_runner(v, pth, a, ids, dec) if a.llama_cpp_src else None
-        if peer:
-            peer()
-        ours()
-        runs = {"edgerun_int8": [], "llamacpp_q8_0": []}
-        for _ in range(a.repeats):                                     # interleaved
-            runs["edgerun_int8"].append(ours())
-            if peer:
-                runs["llamacpp_q8_0"].append(peer())
-        row = {"bench": "rwkv", "version": v, "threads": a.threads, "prompt": len(ids), "decode_tokens": len(dec)}
-        for k, rs in runs.items():
-            if rs:
-                rs = np.array(rs)
-                row[k] = {"prefill_tok_s": float(np.median(rs[:, 0])), "decode_tok_s": float(np.median(rs[:, 1]))}
-        pf, dc = blinkdl(v, pth, a.threads, ids, dec)
-        row["blinkdl_fp32"] = {"prefill_tok_s": pf, "decode_tok_s": dc}
-        print(json.dumps(row), flush=True)
+    speed(a, ids, dec)
 
 
 if __name__ == "__main__":

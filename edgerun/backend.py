@@ -226,6 +226,22 @@ class CPUBackend:
         f(mixed, *m, out)
         return out
 
+    def v6_mix(self, x, prev, p):
+        """RWKV-6's token shift with data-dependent lerps, and its per-step decay, in one call
+        (kernels_numba/wkv.py v6_mix): (5, T, C) = w, xk, xv, xr, xg;
+        p = (maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t)."""
+        out = np.empty((5, *x.shape), np.float32)
+        work = x.size * (p[2].shape[0] + p[5].shape[0]) * 2
+        f = self._wkv.v6_mix if work >= self.WKV_PARALLEL_WORK else self._wkv.v6_mix_serial
+        f(x, prev, *p, out)
+        return out
+
+    def group_norm_silu(self, x, gate, groups, weight, bias, eps):
+        """RWKV-5.2/6 ln_x and its silu gate in one pass: group_norm(x) * gate * sigmoid(gate)."""
+        out = np.empty_like(x)
+        self._wkv.group_norm_silu(x, gate, int(groups), weight, bias, float(eps), out)
+        return out
+
 
     # ---- state-space models (kernels_numba/ssm.py): states are updated in place; with ``out``
     # given nothing is allocated, so a decode loop runs in constant memory

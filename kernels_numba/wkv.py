@@ -16,7 +16,7 @@ Inner loops index slices with the loop counter (see linear.py): head slices are 
 (head, token) so LLVM vectorises the loops over a head's channels.
 """
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from ._common import FASTMATH, JIT
 from .ssm import fast_exp
@@ -357,17 +357,97 @@ def v7_lora(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
     out[1] = xa a1 a2, out[2] = xv v1 v2 (left alone when v1 has no rows: layer 0),
     out[3] = sigmoid(xg g1) g2.  mixed (6, T, C): shift_mix's xr, xw, xk, xv, xa, xg;
     w1, a1, v1, g1 (D, C) as stored (out, in); w2t, a2t, v2t, g2t (D, C) the up matrices
-    transposed; out (4, T, C).  Tokens split in contiguous spans over the threads."""
+    transposed; out (4, T, C).  Tokens split in spans of 32 over the threads."""
     T = mixed.shape[1]
-    P = min(get_num_threads(), (T + 3) // 4)
-    span = (T + 4 * P - 1) // (4 * P) * 4
-    for p in prange(P):
+    span = 32
+    for p in prange((T + span - 1) // span):
         _v7_lora_span(mixed, p * span, min(T, (p + 1) * span), w1, w2t, a1, a2t, v1, v2t, g1, g2t, out)
 
 
 @njit(fastmath=FASTMATH, **JIT)
 def v7_lora_serial(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
     _v7_lora_span(mixed, 0, mixed.shape[1], w1, w2t, a1, a2t, v1, v2t, g1, g2t, out)
+
+
+# ------------------------------------------------------------------ v6 data-dependent mixing
+
+@njit(inline="always", fastmath=FASTMATH)
+def _v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, t_lo, t_hi, out):
+    T, C = x.shape
+    M, D = maa_w2.shape[0], maa_w2.shape[1]
+    n = t_hi - t_lo
+    base = np.empty((n, C), np.float32)
+    h = np.empty((4, max(D, decay_w1.shape[0])), np.float32)
+    spare = np.empty((3, C), np.float32)
+    for t in range(t_lo, t_hi):                   # xx + (x[t-1] - xx) * maa_x
+        xt, bt = x[t], base[t - t_lo]
+        st = prev if t == 0 else x[t - 1]
+        for c in range(C):
+            bt[c] = xt[c] + (st[c] - xt[c]) * maa_x[c]
+    for m in range(M):                            # out[m] = tanh(base maa_w1[m]) maa_w2[m], then the lerp
+        om = out[m]
+        for t0 in range(0, n, 4):
+            _lora_rows(base, t0, min(4, n - t0), maa_w1[m * D:(m + 1) * D], maa_w2[m], 1, h, spare,
+                       om[t_lo:t_hi])
+        mm = maa[m]
+        for t in range(t_lo, t_hi):
+            xt, ot = x[t], om[t]
+            st = prev if t == 0 else x[t - 1]
+            for c in range(C):
+                ot[c] = xt[c] + (st[c] - xt[c]) * (mm[c] + ot[c])
+    # the decay: w = exp(-exp(decay + tanh(xw decay_w1) decay_w2)), written over xw (out[0]) token
+    # block by token block: a block's xw rows are read before its w rows are written
+    o0 = out[0]
+    wblk = np.empty((4, C), np.float32)
+    for t0 in range(t_lo, t_hi, 4):
+        nt = min(4, t_hi - t0)
+        _lora_rows(o0[t0:t0 + nt], 0, nt, decay_w1, decay_w2t, 1, h, spare, wblk)
+        for i in range(nt):
+            wi, ot = wblk[i], o0[t0 + i]
+            for c in range(C):
+                ot[c] = fast_exp(-fast_exp(decay[c] + wi[c]))
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def v6_mix(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, out):
+    """RWKV-6's token shift with data-dependent lerps and its decay, in one call:
+        base = x + (x[t-1] - x) * maa_x;   dyn[m] = tanh(base maa_w1[m]) maa_w2[m]
+        out[m] = x + (x[t-1] - x) * (maa[m] + dyn[m])          m = w, k, v, r, g
+        out[0] = exp(-exp(decay + tanh(out[0] decay_w1) decay_w2))    (the per-step decay, in place of xw)
+    x (T, C); prev (C,) the previous call's last row; maa_x (C,); maa (5, C); maa_w1 (5 D, C) and
+    decay_w1 (Dd, C) as stored (out, in); maa_w2 (5, D, C); decay_w2t (Dd, C) the transposed up
+    matrix; out (5, T, C).  Tokens split in spans of 32 over the threads."""
+    T = x.shape[0]
+    span = 32
+    for p in prange((T + span - 1) // span):
+        _v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, p * span,
+                     min(T, (p + 1) * span), out)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def v6_mix_serial(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, out):
+    _v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, 0, x.shape[0], out)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def group_norm_silu(x, gate, groups, weight, bias, eps, out):
+    """ln_x then the silu gate: out = group_norm(x) * gate * sigmoid(gate).  x, gate, out (T, C)."""
+    T, C = x.shape
+    n = C // groups
+    for t in range(T):
+        for g in range(groups):
+            xg, og, gg = x[t, g * n:(g + 1) * n], out[t, g * n:(g + 1) * n], gate[t, g * n:(g + 1) * n]
+            wg, bg = weight[g * n:(g + 1) * n], bias[g * n:(g + 1) * n]
+            m = np.float32(0.0)
+            for j in range(n):
+                m += xg[j]
+            m /= n
+            var = np.float32(0.0)
+            for j in range(n):
+                var += (xg[j] - m) ** 2
+            inv = np.float32(1.0) / np.sqrt(var / n + np.float32(eps))
+            for j in range(n):
+                og[j] = ((xg[j] - m) * inv * wg[j] + bg[j]) * gg[j] * _sigm(gg[j])
 
 
 # ------------------------------------------------------------------ norms
@@ -548,3 +628,20 @@ def v7_lora_ref(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t):
         out[2] = (x[3] @ v1.T.astype(f)) @ v2t.astype(f)
     out[3] = 1 / (1 + np.exp(-(x[5] @ g1.T.astype(f)))) @ g2t.astype(f)
     return out.astype(np.float32)
+
+
+def v6_mix_ref(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t):
+    """NumPy twin of v6_mix (BlinkDL's RWKV_Tmix_x060 up to the projections): (5, T, C) float32."""
+    f = np.float64
+    x = x.astype(f)
+    sx = np.concatenate([prev[None].astype(f), x[:-1]]) - x
+    M, D = maa_w2.shape[:2]
+    lora = np.tanh((x + sx * maa_x) @ maa_w1.T.astype(f))                  # (T, 5 D)
+    out = np.stack([x + sx * (maa[m] + lora[:, m * D:(m + 1) * D] @ maa_w2[m].astype(f)) for m in range(M)])
+    out[0] = np.exp(-np.exp(decay + np.tanh(out[0] @ decay_w1.T.astype(f)) @ decay_w2t.astype(f)))
+    return out.astype(np.float32)
+
+
+def group_norm_silu_ref(x, gate, groups, weight, bias, eps):
+    g = gate.astype(np.float64)
+    return (group_norm_ref(x, groups, weight, bias, eps) * g / (1 + np.exp(-g))).astype(np.float32)

@@ -414,6 +414,52 @@ def test_v7_tail_kernel(T, H, N, layer0):
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("T,C,D,layer0", [(1, 33, 5, False), (3, 8, 4, True), (6, 40, 7, False), (37, 17, 3, False)])
+def test_v7_lora_kernel(T, C, D, layer0):
+    """RWKV-7's four LoRA projections in one kernel equal NumPy: token counts around the four-token
+    passes and the 32-token spans, ranks not a multiple of the two/four-row steps."""
+    rng = np.random.default_rng(T * C * D)
+    mixed = _rand(rng, 6, T, C)
+    ranks = (D, D + 1, 0 if layer0 else D + 2, D + 3)                       # w, a, v, g
+    m = []
+    for r in ranks:
+        m += [_rand(rng, r, C, s=0.3), _rand(rng, r, C, s=0.3)]
+    want = wkv.v7_lora_ref(mixed, *m)
+    for f in (wkv.v7_lora, wkv.v7_lora_serial):
+        out = np.full((4, T, C), 7.0, np.float32)
+        f(mixed, *m, out)
+        if layer0:                                                          # out[2] is left alone
+            assert (out[2] == 7.0).all()
+            out[2] = 0
+        err = np.abs(out - want).max()
+        assert err < 1e-5 * max(1.0, np.abs(want).max()), f"{f.__name__}: max err {err:.3g}"
+
+
+@pytest.mark.parametrize("T,C,D,Dd", [(1, 33, 5, 3), (4, 8, 2, 4), (37, 20, 3, 6)])
+def test_v6_mix_kernel(T, C, D, Dd):
+    """RWKV-6's shift + data-dependent lerps + decay kernel equals NumPy (BlinkDL's x060 mixing)."""
+    rng = np.random.default_rng(T + C + D)
+    x, prev = _rand(rng, T, C), _rand(rng, C)
+    p = (rng.uniform(0, 1, C).astype(np.float32), rng.uniform(0, 1, (5, C)).astype(np.float32),
+         _rand(rng, 5 * D, C, s=0.3), _rand(rng, 5, D, C, s=0.3), _rand(rng, C) - 2,
+         _rand(rng, Dd, C, s=0.3), _rand(rng, Dd, C, s=0.3))
+    want = wkv.v6_mix_ref(x, prev, *p)
+    for f in (wkv.v6_mix, wkv.v6_mix_serial):
+        out = np.empty((5, T, C), np.float32)
+        f(x, prev, *p, out)
+        err = np.abs(out - want).max()
+        assert err < 2e-6 * max(1.0, np.abs(want).max()), f"{f.__name__}: max err {err:.3g}"
+
+
+@pytest.mark.parametrize("T,C,G", [(1, 7, 1), (5, 96, 8), (3, 130, 13)])
+def test_group_norm_silu_kernel(T, C, G):
+    rng = np.random.default_rng(C + G)
+    x, gate, w, b = _rand(rng, T, C, s=3) + 1, _rand(rng, T, C, s=2), _rand(rng, C), _rand(rng, C)
+    out = np.empty_like(x)
+    wkv.group_norm_silu(x, gate, G, w, b, 64e-5, out)
+    np.testing.assert_allclose(out, wkv.group_norm_silu_ref(x, gate, G, w, b, 64e-5), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("T,C,G", [(1, 7, 1), (5, 96, 8), (3, 4112, 257)])
 def test_norm_kernels(T, C, G):
     rng = np.random.default_rng(C)

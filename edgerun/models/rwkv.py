@@ -108,6 +108,7 @@ class TimeMix:
             self.maa_w1, self.maa_w2 = _lora(w[p + "time_maa_w1"]), w[p + "time_maa_w2"]  # (5D, C) ; (5, D, C)
             self.decay = np.asarray(w[p + "time_decay"], np.float32)
             self.decay_w1, self.decay_w2 = _lora(w[p + "time_decay_w1"]), _lora(w[p + "time_decay_w2"])
+            self.mix6 = _v6_mix_params(w, p, self.maa_x, self.maa, self.decay)
         elif v == "7":
             self.mix = np.stack([w[p + "x_" + n] for n in "rwkvag"]).astype(np.float32)  # (6, C)
             self.w0, self.a0, self.k_k, self.k_a, self.r_k = (w[p + n] for n in ("w0", "a0", "k_k", "k_a", "r_k"))
@@ -154,6 +155,14 @@ class TimeMix:
 
     def _v6(self, xx, prev, state):
         a, ops = self.args, self.ops
+        if self.mix6 is not None:                 # float32 LoRA: shift, lerps and decay in one kernel
+            w, kx, vx, rx, gx = ops.v6_mix(xx, prev, self.mix6)
+            r = ops.linear(rx, self.r)
+            k = ops.linear(kx, self.k)
+            v = ops.linear(vx, self.v)
+            g = ops.linear(gx, self.g)
+            y = ops.wkv6(r, k, v, w, self.u, state["wkv"][self.i])
+            return ops.linear(ops.group_norm_silu(y, g, a.n_heads, self.lnx_w, self.lnx_b, a.lnx_eps), self.o)
         T, C = xx.shape
         D = self.maa_w2.shape[1]
         base = ops.shift_mix(xx, prev, self.maa_x[None])[0]                    # xx + (x[t-1] - xx) * maa_x
@@ -195,6 +204,17 @@ class TimeMix:
 
 
 _EMPTY = np.zeros((0, 0), np.float32)
+
+
+def _v6_mix_params(w: dict, p: str, maa_x, maa, decay):
+    """Arguments of ops.v6_mix, float32; None if --rules quantized a LoRA matrix."""
+    m1, m2, d1, d2 = (w[p + n] for n in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"))
+    def dense(x):
+        return isinstance(x, np.ndarray) and x.dtype == np.float32 or getattr(x, "dtype", None) == "f32"
+    if not all(dense(x) for x in (m1, m2, d1, d2)):
+        return None
+    f = lambda x: np.ascontiguousarray(np.asarray(getattr(x, "w", x), np.float32))      # noqa: E731
+    return (f(maa_x), f(maa), f(m1), f(m2), f(decay), f(d1), np.ascontiguousarray(f(d2).T))
 
 
 def _v7_lora_params(w: dict, p: str, C: int, with_v: bool):
