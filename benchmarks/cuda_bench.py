@@ -96,6 +96,29 @@ def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: i
             "rel_err_vs_cpu": err}
 
 
+def sample_timing(cuda, vocab: int = 32000, reps: int = 20) -> dict:
+    """The device sampler's time per token on one logits row (vocab,), per mode (recorded launches)."""
+    from edgerun.kernels_cuda._launch import recording
+    from edgerun.kernels_cuda.sampling import launch_sample
+    logits = cuda.to_device((3 * np.random.default_rng(1).standard_normal(vocab)).astype(np.float32))
+    out = cuda.device_array(1, np.int32)
+    res = {}
+    for name, (t, k, p) in {"greedy": (0.0, 0, 1.0), "temperature": (0.8, 0, 1.0), "top_k=40": (0.8, 40, 1.0),
+                            "top_p=0.9": (0.8, 0, 0.9), "top_k=40,top_p=0.9": (0.8, 40, 0.9)}.items():
+        with recording() as plan:
+            launch_sample(logits, t, k, p, 0.37, out)
+        plan[0]()
+        cuda.synchronize()
+        e0, e1 = _events(cuda)
+        e0.record()
+        for _ in range(reps):
+            plan[0]()
+        e1.record()
+        e1.synchronize()
+        res[name] = cuda.event_elapsed_time(e0, e1) / reps * 1e3
+    return res
+
+
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, rope_theta=500000.0)
 
@@ -223,6 +246,9 @@ def main():
                   f"local {g.get('local_bytes')}): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = {100 * g['of_copy']:.0f}% of copy; "
                   f"rel err vs CPU {g['rel_err_vs_cpu']:.1e}", flush=True)
     lin.GEMV_KS, lin.LD_W, lin.GEMV_PIPE, lin.GEMV_MAXREG = 0, ld0, True, 0
+    res["sample_us"] = sample_timing(cuda)
+    print("device sampler, 32000 logits: " + ", ".join(f"{k} {v:.0f} us" for k, v in res["sample_us"].items()),
+          flush=True)
     if a.skip_decode:
         a.kinds, a.skip_torch = "", True
     res["decode"] = []

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import EdgerunError
-from .packed import DenseWeight, Int4Weight, Int8Weight
+from .packed import BinaryWeight, DenseWeight, Int4Weight, Int8Weight, Sparse24Weight, TernaryB3Weight, TernaryWeight
 
 
 def _import_cuda():
@@ -36,9 +36,14 @@ def _import_cuda():
     return cuda
 
 
+LOWBIT = ("ternary", "ternary_b3", "binary", "sparse24")
+
+
 class DevWeight(NamedTuple):
     """A packed weight on the device. a, b, c: the kind's fields as the GEMM / embed kernels take
-    them (int8: q, scales, -; int4: qs, scales, mins; dense: w, w, -), unused ones empty;
+    them (int8: q, scales, -; int4: qs, scales, mins; dense: w, w, -; ternary / ternary_b3: codes,
+    scales (float32), -; binary: bits, scales (float16), -; sparse24: vals (int8 | float16), meta,
+    scales (float32, or empty)), unused ones empty; group: binary's group;
     words: the uint32 view of q / qs that the one-token GEMV reads (None if it can't)."""
     kind: str
     rows: int
@@ -60,8 +65,8 @@ class CUDABackend:
 
     def __init__(self):
         self.cuda = _import_cuda()
-        from edgerun.kernels_cuda import linear, ops, paged_attention
-        self._lin, self._ops, self._attn = linear, ops, paged_attention
+        from edgerun.kernels_cuda import linear, lowbit, ops, paged_attention
+        self._lin, self._ops, self._attn, self._low = linear, ops, paged_attention, lowbit
         self._weights: dict[int, tuple] = {}     # id(host array) -> (host array, device copy)
         self._pools: dict[int, tuple] = {}
 
@@ -124,7 +129,33 @@ class CUDABackend:
             a = w.w.view(np.float16) if w.dtype == "f16" else w.w
             dw = cuda.to_device(np.ascontiguousarray(a))
             return DevWeight(w.dtype, w.w.shape[0], w.w.shape[1], 1, dw, dw, dummy(2), None)
+        if isinstance(w, (TernaryWeight, TernaryB3Weight)):
+            kind = "ternary" if isinstance(w, TernaryWeight) else "ternary_b3"
+            return DevWeight(kind, w.codes.shape[0], int(w.n), 1, cuda.to_device(np.ascontiguousarray(w.codes)),
+                             cuda.to_device(np.ascontiguousarray(w.scales, np.float32)), dummy(2), None)
+        if isinstance(w, BinaryWeight):
+            return DevWeight("binary", w.bits.shape[0], int(w.n), int(w.group),
+                             cuda.to_device(np.ascontiguousarray(w.bits)), cuda.to_device(_scales(w.scales)),
+                             dummy(2), None)
+        if isinstance(w, Sparse24Weight):
+            vals = w.vals.view(np.float16) if w.vals.dtype == np.uint16 else w.vals
+            return DevWeight("sparse24", w.vals.shape[0], w.vals.shape[1] * 2, 1,
+                             cuda.to_device(np.ascontiguousarray(vals)), cuda.to_device(np.ascontiguousarray(w.meta)),
+                             cuda.to_device(np.ascontiguousarray(w.scales, np.float32)) if w.scales.size else dummy(),
+                             None)
         raise EdgerunError(f"packed kind {type(w).__name__} is not on the GPU yet")
+
+    def _lowbit(self, x, w: DevWeight, out):
+        """out (T, rows) = x (T, cols) @ W.T for the low-bit kinds (kernels_cuda/lowbit.py)."""
+        low = self._low
+        if w.kind == "ternary":
+            low.gemm_ternary(x, w.a, w.b, w.cols, out)
+        elif w.kind == "ternary_b3":
+            low.gemm_ternary_b3(x, w.a, w.b, w.cols, out)
+        elif w.kind == "binary":
+            low.gemm_binary(x, w.a, w.b, w.group, w.cols, out)
+        else:
+            low.gemm_sparse24(x, w.a, w.b, w.c, out)
 
     # ---- matmuls
     def matmul(self, x, w: DevWeight, out, norm_w=None, eps=0.0, bias=None, res=None, act=0):
@@ -133,6 +164,20 @@ class CUDABackend:
         separate norm / activation launch)."""
         lin = self._lin
         T = x.shape[0]
+        if w.kind in LOWBIT:                     # norm, matmul, then bias / residual / act launches
+            if norm_w is not None:
+                xn = self.empty(x.shape)
+                self._ops.rms_norm(x, norm_w, eps, xn)
+                x = xn
+            y = self.empty((T, w.rows)) if act or res is not None and res is out else out
+            self._lowbit(x, w, y)
+            if bias is not None:
+                self._ops.add_inplace(y, bias.reshape(1, bias.shape[0]))
+            if act:
+                self._ops.act_pairs(y, act, out)
+            elif res is not None:               # out = y + res, or out (= res) += y
+                self._ops.add_inplace(out, res if y is out else y)
+            return out
         gemv = T == 1 and (w.words is not None or w.kind in ("f32", "f16", "bf16"))
         if gemv and lin.gemv_fits(w.kind, w.cols, w.group):
             fields = {"int8": (w.words, w.b), "int4": (w.words, w.b, w.c)}.get(w.kind, (w.a,))

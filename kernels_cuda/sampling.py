@@ -73,15 +73,55 @@ def _block_total(v, red, part):
     return block_sum(v, red, part)
 
 
+@device
+def _pm(v, lo_key, m, inv_t):
+    """exp((v - m) / T) when v's key is kept (>= lo_key), else 0."""
+    return math.exp((v - m) * inv_t) if _key(v) >= lo_key else np.float32(0.0)
+
+
+@device
+def _ge(v, cand):
+    return np.float32(1.0) if _key(v) >= cand else np.float32(0.0)
+
+
 @cuda.jit(device=True, inline=True)
-def _mass(logits, n, lo_key, hi_key, m, inv_t, red, part):
-    """Sum of exp((l - m) * inv_t) over keys in [lo_key, hi_key] (float32)."""
+def _mass(logits, n, lo_key, m, inv_t, red, part):
+    """Block sum of exp((l - m) / T) over the tokens with key >= lo_key; 4 loads in flight a thread
+    (a pass is bound by the loads' latency, not the arithmetic)."""
+    S = SAMPLE_THREADS
     s = np.float32(0.0)
-    for i in range(cuda.threadIdx.x, n, SAMPLE_THREADS):
-        v = logits[i]
-        k = _key(v)
-        if k >= lo_key and k <= hi_key:
-            s += math.exp((v - m) * inv_t)
+    for i in range(cuda.threadIdx.x, n, 4 * S):
+        v0 = logits[i]
+        v1 = logits[min(i + S, n - 1)]
+        v2 = logits[min(i + 2 * S, n - 1)]
+        v3 = logits[min(i + 3 * S, n - 1)]
+        s += _pm(v0, lo_key, m, inv_t)
+        if i + S < n:
+            s += _pm(v1, lo_key, m, inv_t)
+        if i + 2 * S < n:
+            s += _pm(v2, lo_key, m, inv_t)
+        if i + 3 * S < n:
+            s += _pm(v3, lo_key, m, inv_t)
+    return _block_total(s, red, part)
+
+
+@cuda.jit(device=True, inline=True)
+def _count(logits, n, cand, red, part):
+    """Block count of the tokens with key >= cand (exact in float32 below 2**24)."""
+    S = SAMPLE_THREADS
+    s = np.float32(0.0)
+    for i in range(cuda.threadIdx.x, n, 4 * S):
+        v0 = logits[i]
+        v1 = logits[min(i + S, n - 1)]
+        v2 = logits[min(i + 2 * S, n - 1)]
+        v3 = logits[min(i + 3 * S, n - 1)]
+        s += _ge(v0, cand)
+        if i + S < n:
+            s += _ge(v1, cand)
+        if i + 2 * S < n:
+            s += _ge(v2, cand)
+        if i + 3 * S < n:
+            s += _ge(v3, cand)
     return _block_total(s, red, part)
 
 
@@ -115,24 +155,19 @@ def sample_kernel(logits, temp_bits, top_k, top_p_bits, u_bits, out, probs):
     if top_k > 0 and top_k < n:
         for b in range(31, -1, -1):
             cand = lo | (U32(1) << U32(b))
-            c = np.float32(0.0)
-            for i in range(t, n, SAMPLE_THREADS):
-                if _key(logits[i]) >= cand:
-                    c += np.float32(1.0)
-            if _block_total(c, red, part) >= np.float32(top_k):
+            if _count(logits, n, cand, red, part) >= np.float32(top_k):
                 lo = cand
-    hi = U32(0xFFFFFFFF)
-    total = _mass(logits, n, lo, hi, m, inv_t, red, part)
+    total = _mass(logits, n, lo, m, inv_t, red, part)
     # top-p threshold: the largest key whose upper mass reaches top_p of the total
     if top_p < np.float32(1.0):
         need = top_p * total
         lo2 = U32(0)
         for b in range(31, -1, -1):               # the largest T with mass(key >= max(T, lo)) >= need
             cand = lo2 | (U32(1) << U32(b))
-            if _mass(logits, n, max(cand, lo), hi, m, inv_t, red, part) >= need:
+            if _mass(logits, n, max(cand, lo), m, inv_t, red, part) >= need:
                 lo2 = cand
         lo = max(lo2, lo)
-        total = _mass(logits, n, lo, hi, m, inv_t, red, part)
+        total = _mass(logits, n, lo, m, inv_t, red, part)
     if probs.shape[0] == n:
         for i in range(t, n, SAMPLE_THREADS):
             v = logits[i]
@@ -143,7 +178,7 @@ def sample_kernel(logits, temp_bits, top_k, top_p_bits, u_bits, out, probs):
         kk = U32(0)
         for b in range(31, -1, -1):
             cand = kk | (U32(1) << U32(b))
-            if _mass(logits, n, max(cand, lo), hi, m, inv_t, red, part) > target:
+            if _mass(logits, n, max(cand, lo), m, inv_t, red, part) > target:
                 kk = cand
         kk = max(kk, lo)
         # kk: the largest key whose upper mass exceeds the target; its token (lowest id of equal keys)

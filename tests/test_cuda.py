@@ -361,3 +361,81 @@ def test_device_sampler_matches_cpu_sampler(params):
         edge = np.min(np.abs(cdf - u * cdf[-1]))
         if edge > 1e-5:                            # away from a CDF step, float32 and float64 agree
             assert int(out.copy_to_host()[0]) == int(ids[min(j, ids.size - 1)]), (params, u)
+
+
+# ------------------------------------------------------------------ low-bit kinds
+
+LOWBIT = [("ternary", {}), ("ternary_b3", {}), ("binary", dict(group=128)), ("binary", dict(group=64)),
+          ("sparse24", dict(values="int8")), ("sparse24", dict(values="f16"))]
+
+
+def _lowbit_dev_args(kind, w):
+    if kind in ("ternary", "ternary_b3"):
+        return (dev(w.codes), dev(np.asarray(w.scales, np.float32)), w.n)
+    if kind == "binary":
+        return (dev(w.bits), dev(w.scales.view(np.float16)), w.group, w.n)
+    vals = w.vals.view(np.float16) if w.vals.dtype == np.uint16 else w.vals
+    return (dev(vals), dev(w.meta), dev(np.asarray(w.scales, np.float32)))
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("kind,params", LOWBIT, ids=[f"{k}-{p}" for k, p in LOWBIT])
+def test_lowbit_gemm_matches_ref_and_cpu(kind, params, T):
+    """Ternary (2-bit, base-3), binary and 2:4 GEMV (T=1) / GEMM (T=3) vs the NumPy reference and
+    the CPU kernel: odd row count, inputs not a multiple of the kinds' blocks (padding)."""
+    from edgerun.kernels_cuda import lowbit as glow
+    from edgerun.kernels_numba import lowbit as cpu_low
+    rows, n = 37, 200 if kind != "sparse24" else 192
+    w = pack(kind, rng.standard_normal((rows, n)).astype(np.float32), **params)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    ref = glow.gemm_lowbit_ref(x, w)
+    cpu = np.empty((T, rows), np.float32)
+    getattr(cpu_low, f"gemm_{kind}")(x, *[a for a in w], cpu)
+    out = cuda.device_array((T, rows), np.float32)
+    getattr(glow, f"gemm_{kind}")(dev(x), *_lowbit_dev_args(kind, w), out)
+    check(out, ref, 1e-5, f"gemm_{kind} vs ref")
+    check(out, cpu, 1e-5, f"gemm_{kind} vs CPU kernel")
+
+
+@pytest.mark.parametrize("kind,params", LOWBIT[:1] + LOWBIT[2:3] + LOWBIT[4:], ids=["ternary", "binary", "s24-i8", "s24-f16"])
+def test_backend_matmul_lowbit_fused_paths(kind, params):
+    """CUDABackend.matmul on uploaded low-bit weights: norm first, + bias / residual, act on row pairs."""
+    from edgerun.backend import get_backend
+    from edgerun.kernels_cuda import lowbit as glow
+    ops = get_backend("cuda")
+    rows, n = 24, 128
+    w = pack(kind, rng.standard_normal((rows, n)).astype(np.float32), **params)
+    dw = ops.upload(w)
+    x = rng.standard_normal((1, n)).astype(np.float32)
+    nw = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    xn = cpu_ops.rms_norm_ref(x, nw, 1e-5)
+    out = ops.empty((1, rows))
+    ops.matmul(dev(x), dw, out, norm_w=dev(nw), eps=1e-5, bias=dev(bias))
+    check(out, glow.gemm_lowbit_ref(xn, w) + bias, 1e-4, f"{kind}: norm + matmul + bias")
+    out = ops.empty((1, rows // 2))
+    ops.matmul(dev(x), dw, out, act=1)
+    y = glow.gemm_lowbit_ref(x, w)
+    check(out, cpu_ops.silu_mul_ref(y[:, 0::2], y[:, 1::2]), 1e-4, f"{kind}: act on row pairs")
+
+
+@pytest.mark.gpu
+def test_gpu_fork_and_device_sampling_generate(hf_dir_factory):
+    """A forked GPU state continues like the original (both branches equal the CPU's), and generate
+    with the device sampler gives the CPU's tokens (greedy, and seeded top-k / top-p draws)."""
+    import edgerun
+    _, d = hf_dir_factory("LlamaForCausalLM", **TINY)
+    m_cpu = convert_and_load(d, "int8")
+    path = next(d.parent.glob(f"{d.name}-int8-*.edr"))
+    cpu, gpu = _load_cpu_float(path), edgerun.load(path, device="cuda")
+    ids = [int(i) for i in rng.integers(2, 290, 6)]
+    sc, sg = cpu.new_state(), gpu.new_state()
+    cpu.step(sc, ids)
+    gpu.step(sg, ids)
+    fc, fg = cpu.fork(sc), gpu.fork(sg)
+    for a, b in ((7, 9), (11, 13)):
+        check(gpu.step(sg, [a]), cpu.step(sc, [a]), 1e-3, "original after fork")
+        check(gpu.step(fg, [b]), cpu.step(fc, [b]), 1e-3, "fork")
+    del m_cpu
+    for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3), dict(temperature=0.9, top_p=0.9, seed=5)):
+        assert gpu.generate(ids, max_new_tokens=12, **kw) == cpu.generate(ids, max_new_tokens=12, **kw), kw
