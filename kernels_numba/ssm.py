@@ -392,7 +392,85 @@ def _transpose(a, out):
                     out[c, r] = ar[c]
 
 
-@njit(parallel=True, fastmath=FASTMATH, **JIT)
+@njit(fastmath=FASTMATH, **JIT)
+def _ssd_group_chunk(xbc, G, g, c0, Lc, Cg, Bt, cb):
+    """Group g's C (Lc, N) and B^T (N, Lc) of the chunk starting at token c0, and C B^T (Lc, Lc)."""
+    N = Cg.shape[1]
+    d_inner = xbc.shape[1] - 2 * G * N
+    for l in range(Lc):
+        Cl = Cg[l]
+        src = xbc[c0 + l, d_inner + (G + g) * N:d_inner + (G + g + 1) * N]
+        for n in range(N):
+            Cl[n] = src[n]
+        Bl = xbc[c0 + l, d_inner + g * N:d_inner + (g + 1) * N]
+        for n in range(N):
+            Bt[n, l] = Bl[n]
+    _gemm_acc(cb, Cg, Bt, Lc, N)                              # only its lower triangle is read
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, CB):
+    """Head hh through every chunk (see ssd_chunked)."""
+    T = xbc.shape[0]
+    H, P, N = h.shape
+    g = hh // (H // G)
+    nch = Cs.shape[1]
+    hT = np.empty((N, P), np.float32)                         # the state, transposed
+    _transpose(h[hh], hT)
+    X = np.empty((L, P), np.float32)                          # this chunk's x, then dt-weighted x
+    Y = np.empty((L, P), np.float32)
+    M = np.zeros((L, L), np.float32)                          # stays zero above the diagonal
+    dtc = np.empty(L, np.float32)
+    cum = np.empty(L, np.float64)                              # float64: differences stay exact
+    Dh = D[hh]
+    for c in range(nch):
+        c0 = c * L
+        Lc = min(L, T - c0)
+        acc64 = 0.0
+        for l in range(Lc):
+            dtc[l] = _dt(dt[c0 + l, hh], dt_bias[hh], dt_min, dt_max)
+            acc64 += np.float64(dtc[l]) * np.float64(A[hh])
+            cum[l] = acc64
+        for l in range(Lc):
+            src = xbc[c0 + l, hh * P:(hh + 1) * P]
+            Xl, Yl = X[l], Y[l]
+            for p in range(P):
+                Xl[p] = src[p]
+                Yl[p] = np.float32(0.0)
+        cb = CB[g, c]
+        for l in range(Lc):
+            Ml, cbl = M[l], cb[l]
+            for s in range(l + 1):
+                Ml[s] = cbl[s] * fast_exp(np.float32(cum[l] - cum[s])) * dtc[s]
+        _gemm_acc(Y, Cs[g, c], hT, Lc, N)                         # C h^T
+        for l in range(Lc):
+            el = fast_exp(np.float32(cum[l]))
+            Xl, Yl = X[l], Y[l]
+            for p in range(P):
+                Yl[p] = el * Yl[p] + Dh * Xl[p]
+        # this chunk's own tokens: rows in blocks of 4 need M up to the block's last row (zeros above)
+        for l0 in range(0, Lc, 4):
+            m = min(4, Lc - l0)
+            _gemm_acc(Y[l0:], M[l0:], X, m, l0 + m)
+        for l in range(Lc):
+            src, yl = Y[l], out[c0 + l, hh * P:(hh + 1) * P]
+            for p in range(P):
+                yl[p] = src[p]
+        eL = fast_exp(np.float32(cum[Lc - 1]))
+        for s in range(Lc):                                   # X <- (exp(cum_L - cum_s) dt_s) X
+            ws = fast_exp(np.float32(cum[Lc - 1] - cum[s])) * dtc[s]
+            Xs = X[s]
+            for p in range(P):
+                Xs[p] *= ws
+        for n in range(N):
+            hn = hT[n]
+            for p in range(P):
+                hn[p] *= eL
+        _gemm_acc(hT, BT[g, c], X, N, Lc)                         # + B^T X
+    _transpose(hT, h[hh])
+
+
+@njit(parallel=True, **JIT)
 def ssd_chunked(xbc, dt, A, D, dt_bias, h, G, chunk, dt_min, dt_max, out):
     """The SSD algorithm over T tokens in chunks of ``chunk`` (same arguments as ssd_step, T tokens).
     Per chunk of L tokens and head, with cum = cumsum(dt * A) inside the chunk, X (L, P), C, B (L, N):
@@ -401,12 +479,12 @@ def ssd_chunked(xbc, dt, A, D, dt_bias, h, G, chunk, dt_min, dt_max, out):
         Y = exp(cum) * (C h^T) + M X + D X                             (L, P)
         h = exp(cum_L) h + ((exp(cum_L - cum) * dt) X)^T B             (P, N)
 
-    three small GEMMs (``_gemm_acc``, vectorised along P); the state is kept transposed (N, P) while a
-    head runs through its chunks. Heads run in parallel; nothing is allocated per chunk."""
+    three small GEMMs (``_gemm_acc``, register tiles); the state is kept transposed (N, P) while a
+    head runs through its chunks. Groups x chunks, then heads, run in parallel; the loop bodies are
+    functions of their own (a small parfor body compiles in half the time); nothing is allocated
+    per chunk."""
     T = xbc.shape[0]
     H, P, N = h.shape
-    d_inner = H * P
-    hpg = H // G
     L = min(chunk, T)
     nch = (T + L - 1) // L
     # per group and chunk, shared by the group's heads: C (L, N), B^T (N, L) and C B^T (L, L)
@@ -415,75 +493,9 @@ def ssd_chunked(xbc, dt, A, D, dt_bias, h, G, chunk, dt_min, dt_max, out):
     CB = np.zeros((G, nch, L, L), np.float32)
     for gc in prange(G * nch):
         g, c = gc // nch, gc % nch
-        c0 = c * L
-        Lc = min(L, T - c0)
-        Cg, Bt, cb = Cs[g, c], BT[g, c], CB[g, c]
-        for l in range(Lc):
-            Cl = Cg[l]
-            src = xbc[c0 + l, d_inner + (G + g) * N:d_inner + (G + g + 1) * N]
-            for n in range(N):
-                Cl[n] = src[n]
-            Bl = xbc[c0 + l, d_inner + g * N:d_inner + (g + 1) * N]
-            for n in range(N):
-                Bt[n, l] = Bl[n]
-        _gemm_acc(cb, Cg, Bt, Lc, N)                          # C B^T (only its lower triangle is read)
+        _ssd_group_chunk(xbc, G, g, c * L, min(L, T - c * L), Cs[g, c], BT[g, c], CB[g, c])
     for hh in prange(H):
-        g = hh // hpg
-        hT = np.empty((N, P), np.float32)                     # the state, transposed
-        _transpose(h[hh], hT)
-        X = np.empty((L, P), np.float32)                      # this chunk's x, then dt-weighted x
-        Y = np.empty((L, P), np.float32)
-        M = np.zeros((L, L), np.float32)                      # stays zero above the diagonal
-        dtc = np.empty(L, np.float32)
-        cum = np.empty(L, np.float64)                          # float64: differences stay exact
-        Dh = D[hh]
-        for c in range(nch):
-            c0 = c * L
-            Lc = min(L, T - c0)
-            acc64 = 0.0
-            for l in range(Lc):
-                dtc[l] = _dt(dt[c0 + l, hh], dt_bias[hh], dt_min, dt_max)
-                acc64 += np.float64(dtc[l]) * np.float64(A[hh])
-                cum[l] = acc64
-            for l in range(Lc):
-                src = xbc[c0 + l, hh * P:(hh + 1) * P]
-                Xl, Yl = X[l], Y[l]
-                for p in range(P):
-                    Xl[p] = src[p]
-                    Yl[p] = np.float32(0.0)
-            cb = CB[g, c]
-            for l in range(Lc):
-                Ml, cbl = M[l], cb[l]
-                for s in range(l + 1):
-                    Ml[s] = cbl[s] * fast_exp(np.float32(cum[l] - cum[s])) * dtc[s]
-            _gemm_acc(Y, Cs[g, c], hT, Lc, N)                     # C h^T
-            for l in range(Lc):
-                el = fast_exp(np.float32(cum[l]))
-                Xl, Yl = X[l], Y[l]
-                for p in range(P):
-                    Yl[p] = el * Yl[p] + Dh * Xl[p]
-            # this chunk's own tokens: rows in blocks of 4 need M up to the block's last row (zeros above)
-            l0 = 0
-            while l0 < Lc:
-                m = min(4, Lc - l0)
-                _gemm_acc(Y[l0:], M[l0:], X, m, l0 + m)
-                l0 += 4
-            for l in range(Lc):
-                src, yl = Y[l], out[c0 + l, hh * P:(hh + 1) * P]
-                for p in range(P):
-                    yl[p] = src[p]
-            eL = fast_exp(np.float32(cum[Lc - 1]))
-            for s in range(Lc):                               # X <- (exp(cum_L - cum_s) dt_s) X
-                ws = fast_exp(np.float32(cum[Lc - 1] - cum[s])) * dtc[s]
-                Xs = X[s]
-                for p in range(P):
-                    Xs[p] *= ws
-            for n in range(N):
-                hn = hT[n]
-                for p in range(P):
-                    hn[p] *= eL
-            _gemm_acc(hT, BT[g, c], X, N, Lc)                     # + B^T X
-        _transpose(hT, h[hh])
+        _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, CB)
 
 
 @njit(inline="always", fastmath=FASTMATH)
