@@ -23,6 +23,7 @@ from .cache import RecurrentState
 from .cache.recurrent import run_in_chunks
 from .errors import InputError
 from .packed import DenseWeight
+from .runner_cuda import concat_rows, interleave_rows
 
 
 # ------------------------------------------------------------------ the state on the device
@@ -209,7 +210,7 @@ class DeviceRecurrent:
     def embed(self, ids, tok, w, dim: int, T: int):
         x = self.buf("x", T, dim)
         ids_dev = None if ids is None else self.ops.to_device(ids.astype(np.int64))
-        self.ops._lin.launch_embed(w.kind, ids_dev, w.a, w.b, w.c, w.group, x, 1.0, 0, tok)
+        self.ops._lin.launch_embed(w.kind, ids_dev, w.a, w.b, w.c, w.group, x, 1.0, 0, 0 if tok is None else tok)
         self.count()
         return x
 
@@ -221,6 +222,20 @@ class DeviceRecurrent:
     def lin(self, name, x, w, norm_w=None, eps=0.0, bias=None):
         """out = [norm](x) @ W.T [+ bias] into the named buffer."""
         return self.mm(x, w, self.buf(name, x.shape[0], w.rows), norm_w=norm_w, eps=eps, bias=bias)
+
+    def _split(self, x, name, parts, norm_w, eps, widths):
+        """[norm](x) times one fused weight (or its parts, one matmul each) -> column views of the given widths."""
+        T = x.shape[0]
+        out = self.buf(name, T, sum(widths))
+        off = 0
+        for w in parts:
+            self.mm(x, w, self.cols(out, off, off + w.rows) if len(parts) > 1 else out, norm_w=norm_w, eps=eps)
+            off += w.rows
+        views, off = [], 0
+        for n in widths:
+            views.append(out[:, off:off + n])
+            off += n
+        return views
 
     @staticmethod
     def cols(a, lo: int, hi: int):
@@ -465,10 +480,17 @@ class DeviceXLSTM(DeviceRecurrent):
         v, w = self.v, self.w
         self.embed_w, self.head_w = w(host.embed), w(host.head)
         self.out_norm = v(host.out_norm)
-        self.layers = [dict(norm_mlstm=v(b.norm_mlstm), norm_ffn=v(b.norm_ffn), q=w(b.q), k=w(b.k), v=w(b.v),
-                            o=w(b.o), out_proj=w(b.out_proj), ig=w(b.ig), fg=w(b.fg), ib=v(b.ib), fb=v(b.fb),
-                            mh_norm=v(b.mh_norm), up_gate=w(b.up_gate), up=w(b.up), down=w(b.down))
-                       for b in host.layers]
+        self.layers = []
+        for b in host.layers:
+            # q, k, v, o (and the two gate rows) in one matmul each where their layouts agree; gate and up
+            # interleaved so that the GEMV's epilogue applies silu(gate) * up (runner_cuda's helpers)
+            qkvo, gates, gu = concat_rows([b.q, b.k, b.v, b.o]), concat_rows([b.ig, b.fg]), interleave_rows(b.up_gate, b.up)
+            self.layers.append(dict(
+                norm_mlstm=v(b.norm_mlstm), norm_ffn=v(b.norm_ffn), ib=v(b.ib), fb=v(b.fb), mh_norm=v(b.mh_norm),
+                parts=[w(qkvo)] if qkvo is not None else [w(x) for x in (b.q, b.k, b.v, b.o)],
+                gates=[w(gates)] if gates is not None else [w(b.ig), w(b.fg)],
+                gu=w(gu) if gu is not None else None, up_gate=w(b.up_gate), up=w(b.up),
+                out_proj=w(b.out_proj), down=w(b.down)))
 
     def forward(self, ids, tok, state, last_only):
         from edgerun.kernels_cuda import xlstm
@@ -476,22 +498,26 @@ class DeviceXLSTM(DeviceRecurrent):
         T = 1 if ids is None else ids.shape[0]
         x = self.embed(ids, tok, self.embed_w, a.hidden_size, T)
         ne = a.norm_eps
+        qk, vd, NH = a.qk_dim, a.v_dim, a.num_heads
         for i, L in enumerate(self.layers):
             nm = L["norm_mlstm"]
-            q, k = self.lin("q", x, L["q"], nm, ne), self.lin("k", x, L["k"], nm, ne)
-            v, o = self.lin("v", x, L["v"], nm, ne), self.lin("o", x, L["o"], nm, ne)
-            ig, fg = self.lin("ig", x, L["ig"], nm, ne), self.lin("fg", x, L["fg"], nm, ne)
-            y = self.buf("y", T, v.shape[1])
+            q, k, v, o = self._split(x, "qkvo", L["parts"], nm, ne, (qk, qk, vd, vd))
+            ig, fg = self._split(x, "gates", L["gates"], nm, ne, (NH, NH))
+            y = self.buf("y", T, vd)
             xlstm.mlstm_step(q, k, v, ig, fg, L["ib"], L["fb"], a.gate_soft_cap, state["C"][i], state["n"][i],
                              state["m"][i], a.eps, L["mh_norm"], ne, y)
             xlstm.sigmoid_mul(y, o)
             self.count(2)
             self.mm(y, L["out_proj"], x, res=x)
-            gate = self.lin("gate", x, L["up_gate"], L["norm_ffn"], ne)
-            up = self.lin("up", x, L["up"], L["norm_ffn"], ne)
-            act = self.buf("act", T, gate.shape[1])
-            xlstm.silu_mul(gate, up, act)
-            self.count()
+            F = L["up"].rows
+            act = self.buf("act", T, F)
+            if L["gu"] is not None:
+                self.ops.matmul(x, L["gu"], act, norm_w=L["norm_ffn"], eps=ne, act=1)
+                self.count(1 if T == 1 else 3)
+            else:
+                gate = self.lin("gate", x, L["up_gate"], L["norm_ffn"], ne)
+                xlstm.silu_mul(gate, self.lin("up", x, L["up"], L["norm_ffn"], ne), act)
+                self.count()
             self.mm(act, L["down"], x, res=x)
         logits = self.head(x, last_only, norm_w=self.out_norm, eps=ne)
         if a.output_logit_soft_cap and a.output_logit_soft_cap > 0:

@@ -325,7 +325,8 @@ def test_headwise_and_gates():
 
 # ------------------------------------------------------------------ whole models: GPU logits = CPU logits
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rwkv-tiny"
+FIX = Path(os.environ.get("EDGERUN_RWKV_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+                          / "rwkv-tiny"))
 if not FIX.is_dir():
     FIX = Path("/work/shared/fixtures/rwkv-tiny")
 
@@ -368,3 +369,70 @@ def test_mamba_gpu_equals_cpu(hf_dir_factory, name):
     out = d.parent / f"{name}.edr"
     convert(d, out, quant="f32", progress=False)
     _compare(out, vocab=300)
+
+
+RWKV_FIXTURES = ["4v0-660K", "5v1-730K", "5v2-730K", "7v0-834K"]
+
+
+def _truncated_pth(src: Path, dst: Path, layers: int) -> Path:
+    """The first ``layers`` blocks of a BlinkDL checkpoint (the simulator runs a 12-layer model slowly)."""
+    torch = pytest.importorskip("torch")
+    sd = torch.load(src, map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < layers}, dst)
+    return dst
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FIX.is_dir(), reason="shared/fixtures/rwkv-tiny not found")
+@pytest.mark.parametrize("name", RWKV_FIXTURES)
+def test_rwkv_gpu_equals_cpu(tmp_path, name):
+    """rwkv.cpp's tiny trained v4, v5.1, v5.2 and v7 models (2 of their layers under the simulator)."""
+    from edgerun.converters.rwkv import convert_rwkv
+    src = FIX / f"tiny-rwkv-{name}.pth"
+    if SIM:
+        src = _truncated_pth(src, tmp_path / "t.pth", 2)
+    convert_rwkv(src, tmp_path / "m.edr", "f32")
+    _compare(tmp_path / "m.edr")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["6", "5.1"])
+def test_rwkv_random_gpu_equals_cpu(tmp_path, version):
+    """v6 (data-dependent lerps and decay through LoRA) and v5.1 (gate) from random BlinkDL checkpoints."""
+    from edgerun.converters.rwkv import convert_rwkv
+    from test_rwkv import _random_blinkdl, _torch_save
+    _torch_save(_random_blinkdl(version, C=32, N=8, L=2, F=64), tmp_path / "m.pth")
+    convert_rwkv(tmp_path / "m.pth", tmp_path / "m.edr", "f32")
+    _compare(tmp_path / "m.edr")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [dict(hidden_size=32, num_heads=2, chunk_size=4),
+                                 dict(hidden_size=48, num_heads=4, chunk_size=8, ffn_proj_factor=1.3,
+                                      gate_soft_cap=5.0, output_logit_soft_cap=10.0)], ids=["2heads", "4heads-caps"])
+def test_xlstm_gpu_equals_cpu(tmp_path, cfg):
+    """transformers' xLSTMForCausalLM (the xLSTM-7B layout), tiny and random."""
+    from conftest import save_hf
+    from edgerun.converters import convert
+    from test_xlstm import make_xlstm_hf
+    d = save_hf(make_xlstm_hf(**cfg), tmp_path / "hf")
+    convert(d, tmp_path / "m.edr", quant="f32", progress=False)
+    _compare(tmp_path / "m.edr", vocab=300)
+
+
+@pytest.mark.gpu
+def test_xlstm_lm_gpu_equals_cpu(tmp_path):
+    """NX-AI's mixed mLSTM / sLSTM stack. Built with the ``xlstm`` package; where it is missing (a GPU
+    machine), from a directory that EDGERUN_NXAI_DIR names (one this test saved elsewhere)."""
+    from edgerun.converters import convert
+    d = os.environ.get("EDGERUN_NXAI_DIR")
+    if not d:
+        pytest.importorskip("xlstm")
+        from test_xlstm import _nxai_model, _save_nxai
+        model, cfg = _nxai_model(num_blocks=3, slstm_at=(1,), E=32)
+        d = _save_nxai(model, cfg, tmp_path / "nx")
+        if os.environ.get("EDGERUN_SAVE_NXAI_DIR"):
+            import shutil
+            shutil.copytree(d, os.environ["EDGERUN_SAVE_NXAI_DIR"], dirs_exist_ok=True)
+    convert(Path(d), tmp_path / "m.edr", quant="f32", progress=False)
+    _compare(tmp_path / "m.edr", vocab=300)
