@@ -7,6 +7,7 @@ Random weights made here (nothing is downloaded); the HF checkpoints are cached 
     python3 benchmarks/mamba_bench.py speed --arch mamba --quant int8 int4 f16 --threads 2
     python3 benchmarks/mamba_bench.py speed --arch mamba --quant int8 int4 --llama-cpp DIR   # + DIR/mamba-q8_0.gguf ...
     python3 benchmarks/mamba_bench.py long  --arch mamba2 --quant int8 --tokens 10000
+    python3 benchmarks/mamba_bench.py profile --arch mamba2 --quant int8 int4 --threads 1     # prefill by op
 
 llama.cpp GGUFs are made from the same HF checkpoint by llama.cpp's own convert_hf_to_gguf.py
 (shipped in the llama-cpp-python sdist; --outtype q8_0, and f32 then llama_model_quantize for Q4_0).
@@ -232,9 +233,53 @@ def long(a):
             print(json.dumps(report), flush=True)
 
 
+PROFILED_OPS = ("linear", "causal_conv1d", "ssd", "gated_rms_norm", "selective_scan", "rms_norm_segments_",
+                "rms_norm", "embed", "add_")
+
+
+def profile(a):
+    """Where prefill time goes: CPU time (time.process_time, so other work on a shared machine counts
+    less than in wall time) per backend op, summed over layers, median of --repeats prefills."""
+    import numba
+    numba.set_num_threads(a.threads)
+    work = Path(a.work)
+    rng = np.random.default_rng(0)
+    for arch in a.arch:
+        ids = rng.integers(2, SHAPES[arch][1]["vocab_size"], size=a.prompt).tolist()
+        for q in a.quant:
+            m = Edgerun(edr_file(arch, q, work)).m
+            ops, spent = m.ops, {}
+            for name in PROFILED_OPS:
+                fn = getattr(ops, name, None)
+                if fn is None:
+                    continue
+
+                def timed(*args, _fn=fn, _name=name, **kw):
+                    t0 = time.process_time()
+                    r = _fn(*args, **kw)
+                    spent[_name] = spent.get(_name, 0.0) + time.process_time() - t0
+                    return r
+                setattr(ops, name, timed)
+            m.step(m.new_state(), ids, last_only=True)             # compile, first touches
+            runs = []
+            for _ in range(a.repeats):
+                spent.clear()
+                t0 = time.process_time()
+                m.step(m.new_state(), ids, last_only=True)
+                runs.append((time.process_time() - t0, dict(spent)))
+            total, by_op = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+            by_op["(rest: copies, Python)"] = total - sum(by_op.values())
+            print(f"{arch} {q}: prefill {len(ids)} tokens, {a.threads} thread(s): {total * 1e3:.1f} ms CPU "
+                  f"({len(ids) / total:.1f} tok/s)")
+            for name, t in sorted(by_op.items(), key=lambda kv: -kv[1]):
+                print(f"  {name:24s} {t * 1e3:8.1f} ms  {100 * t / total:5.1f}%")
+            for name in PROFILED_OPS:                                 # undo the wrappers
+                ops.__dict__.pop(name, None)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["speed", "long", "make"])
+    p.add_argument("what", choices=["speed", "long", "make", "profile"])
     p.add_argument("--arch", nargs="+", default=["mamba", "mamba2"], choices=list(SHAPES))
     p.add_argument("--quant", nargs="+", default=["int8", "int4"])
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -251,7 +296,7 @@ def main():
         for arch in a.arch:
             hf_dir(arch, Path(a.work))
     else:
-        speed(a) if a.what == "speed" else long(a)
+        {"speed": speed, "long": long, "profile": profile}[a.what](a)
 
 
 if __name__ == "__main__":
