@@ -115,6 +115,7 @@ class DeviceRecurrent:
     """Shared by the families: buffers, launches, the chunked call contract and the decode plan."""
 
     PREFILL_CHUNK = 512
+    MAX_PLANS = 4                      # decode plans kept (one per state; recording one costs a few ms)
 
     def __init__(self, host, ops):
         self.host, self.ops, self.cuda = host, ops, ops.cuda
@@ -152,13 +153,15 @@ class DeviceRecurrent:
 
     def _decode(self, tok: int, state) -> np.ndarray:
         from edgerun.kernels_cuda._launch import Dyn, recording
-        hit = self._plans.get(id(state))
+        hit = self._plans.pop(id(state), None)
         if hit is None or hit[0] is not state:
             with recording() as plan:
                 out = self.forward(None, Dyn("tok"), state, False)
-            self._plans = {k: v for k, v in self._plans.items() if v[0] is not state}
-            self._plans[id(state)] = hit = (state, plan, [p for p in plan if "tok" in p.dyn
-                                                          or any(getattr(a, "name", "") == "tok" for a in p.args)], out)
+            hit = (state, plan, [p for p in plan if "tok" in p.dyn
+                                 or any(getattr(a, "name", "") == "tok" for a in p.args)], out)
+        self._plans[id(state)] = hit                       # most recent last; a plan holds its state:
+        while len(self._plans) > self.MAX_PLANS:           # keep a few, so finished states can be freed
+            self._plans.pop(next(iter(self._plans)))
         _, plan, tok_launches, out = hit
         t0 = time.perf_counter() if self.timing else 0.0
         for p in tok_launches:

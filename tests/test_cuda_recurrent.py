@@ -359,8 +359,8 @@ HF_MODELS = {
 }
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(HF_MODELS))
+# under the simulator a whole model takes minutes on 2 cores: slow there (-m slow), the default on a GPU
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if SIM else []) for n in HF_MODELS])
 def test_mamba_gpu_equals_cpu(hf_dir_factory, name):
     from conftest import convert_and_load  # noqa: F401  (the tiny-model helpers)
     from edgerun.converters import convert
@@ -436,3 +436,51 @@ def test_xlstm_lm_gpu_equals_cpu(tmp_path):
             shutil.copytree(d, os.environ["EDGERUN_SAVE_NXAI_DIR"], dirs_exist_ok=True)
     convert(Path(d), tmp_path / "m.edr", quant="f32", progress=False)
     _compare(tmp_path / "m.edr", vocab=300)
+
+
+# ------------------------------------------------------------------ the device state and the runner choice (fast)
+
+def test_device_state_fork_save_restore_rollback(tmp_path):
+    from edgerun.backend import get_backend
+    from edgerun.errors import InputError, ModelFileError
+    from edgerun.runner_cuda_recurrent import DeviceState
+    ops = get_backend("cuda")
+    st = DeviceState({"a": (3,), "b": (2, 2)}, 2, ops, model_hash="sha256:x")
+    assert not host(st["a"]).any() and st.nbytes == 4 * (6 + 8)
+    st.keep_checkpoints(2)
+    vals = f(2, 3)
+    st["a"].copy_to_device(vals)
+    st.length = 5
+    st.checkpoint()
+    other = st.fork()
+    st["a"].copy_to_device(vals + 1)
+    st.length = 6
+    st.checkpoint()
+    check(other["a"], vals, 0, "fork keeps its own copy")
+    st.save(tmp_path / "s.safetensors")
+    st.rollback(1)
+    assert st.length == 5
+    check(st["a"], vals, 0, "rollback")
+    with pytest.raises(InputError):
+        st.rollback(3)
+    st.restore(tmp_path / "s.safetensors")
+    assert st.length == 6
+    check(st["a"], vals + 1, 0, "restore")
+    with pytest.raises(ModelFileError, match="another model"):
+        DeviceState(st.spec, 2, ops, model_hash="sha256:y").restore(tmp_path / "s.safetensors")
+    st.reset()
+    assert st.length == 0 and not host(st["a"]).any()
+
+
+def test_recurrent_models_get_the_device_runner(hf_dir_factory, tmp_path):
+    """load(device='cuda') of a recurrent model builds its device runner (weights uploaded, no forward run)."""
+    import edgerun
+    from edgerun.converters import convert
+    from edgerun.runner_cuda_recurrent import DeviceMamba, DeviceState
+    _, d = hf_dir_factory("MambaForCausalLM", hidden_size=16, state_size=4, time_step_rank=2)
+    convert(d, tmp_path / "m.edr", quant="int8", progress=False)
+    m = edgerun.load(tmp_path / "m.edr", device="cuda")
+    assert isinstance(m.model, DeviceMamba)
+    st = m.new_state()
+    assert isinstance(st, DeviceState) and st.model_hash == m.file.content_hash
+    assert st.spec == edgerun.load(tmp_path / "m.edr").new_state().spec
