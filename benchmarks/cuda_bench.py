@@ -52,6 +52,58 @@ def copy_bandwidth(cuda, nbytes: int = 1 << 30, reps: int = 10) -> float:
     return 2 * nbytes * reps / (cuda.event_elapsed_time(e0, e1) / 1e3)
 
 
+def gemv_q8_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60) -> dict:
+    """The int8-activation GEMV (act_quant): the dp4a kernel alone on activations quantized once, and
+    quantize + GEMV as the backend launches them; checked against the CPU's gemm_<kind>_q8."""
+    from edgerun.kernels_cuda._launch import recording
+    from edgerun.runner_cuda import random_weight
+    from edgerun.kernels_numba import linear as cpu
+    lin = ops._lin
+    copies = 3 if kind == "int8" else 5
+    ws = [random_weight(ops, kind, n, n, seed=17 + i, group=group) for i in range(copies)]
+    xh = np.random.default_rng(0).standard_normal((1, n)).astype(np.float32)
+    x = ops.to_device(xh)
+    out = ops.empty((1, n))
+    q = ops._act_q8(n)
+    lin.launch_quantize_act(x.reshape(n), q)
+    w = ws[0]
+    ref = np.empty((1, n), np.float32)
+    if kind == "int8":
+        f = lambda w_: (w_.words, w_.b)                                  # noqa: E731
+        cpu.gemm_int8_q8(xh, w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16), w.group, ref)
+    else:
+        f = lambda w_: (w_.words, w_.b, w_.c)                            # noqa: E731
+        cpu.gemm_int4_q8(xh, w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16), np.zeros((0, 0), np.uint16),
+                         w.group, ref)
+    lin.launch_gemv_q8(kind, q, f(w), w.group, out.reshape(n))
+    err = float(np.abs(out.copy_to_host() - ref).max() / np.abs(ref).max())
+    with recording() as plan:
+        for w_ in ws:
+            lin.launch_gemv_q8(kind, q, f(w_), w_.group, out.reshape(n))
+    with recording() as plan2:
+        for w_ in ws:
+            lin.launch_quantize_act(x.reshape(n), q)
+            lin.launch_gemv_q8(kind, q, f(w_), w_.group, out.reshape(n))
+    res = {}
+    for name, pl, per in (("gemv", plan, 1), ("quantize+gemv", plan2, 2)):
+        best = []
+        for _ in range(3):
+            _spin(cuda, 30)
+            e0, e1 = _events(cuda)
+            e0.record()
+            for i in range(reps):
+                for j in range(per):
+                    pl[(i % copies) * per + j]()
+            e1.record()
+            e1.synchronize()
+            best.append(cuda.event_elapsed_time(e0, e1) / 1e3 / reps)
+        res[name] = float(np.median(best))
+    nbytes = w.a.nbytes + w.b.nbytes
+    return {"kind": kind, "n": n, "group": w.group, "bytes": nbytes, "us": res["gemv"] * 1e6,
+            "GBps": nbytes / res["gemv"] / 1e9, "us_with_quantize": res["quantize+gemv"] * 1e6,
+            "GBps_with_quantize": nbytes / res["quantize+gemv"] / 1e9, "rel_err_vs_cpu_q8": err}
+
+
 def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60) -> dict:
     """GEMV n x n: weight bytes (values + scales) per second, copies rotated so L2 can't serve them."""
     from edgerun.runner_cuda import random_weight
@@ -246,6 +298,15 @@ def main():
                   f"local {g.get('local_bytes')}): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = {100 * g['of_copy']:.0f}% of copy; "
                   f"rel err vs CPU {g['rel_err_vs_cpu']:.1e}", flush=True)
     lin.GEMV_KS, lin.LD_W, lin.GEMV_PIPE, lin.GEMV_MAXREG = 0, ld0, True, 0
+    res["gemv_q8"] = []
+    for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
+        g = gemv_q8_bandwidth(cuda, ops, kind, group=group)
+        g["of_copy"] = g["GBps"] / res["copy_GBps"]
+        g["of_copy_with_quantize"] = g["GBps_with_quantize"] / res["copy_GBps"]
+        res["gemv_q8"].append(g)
+        print(f"GEMV {kind} 8192x8192 group {g['group']}, int8 activations (dp4a): {g['us']:.1f} us, {g['GBps']:.0f} GB/s "
+              f"= {100 * g['of_copy']:.0f}% of copy; with the quantize launch {g['us_with_quantize']:.1f} us "
+              f"= {100 * g['of_copy_with_quantize']:.0f}%; rel err vs CPU q8 {g['rel_err_vs_cpu_q8']:.1e}", flush=True)
     res["sample_us"] = sample_timing(cuda)
     print("device sampler, 32000 logits: " + ", ".join(f"{k} {v:.0f} us" for k, v in res["sample_us"].items()),
           flush=True)
@@ -253,7 +314,13 @@ def main():
         a.kinds, a.skip_torch = "", True
     res["decode"] = []
     for kind in filter(None, a.kinds.split(",")):
+        aq = kind.endswith("+q8")
+        kind = kind.replace("+q8", "")
+        ops.act_quant = aq
         d = edgerun_decode(cuda, ops, kind, a.prompt, a.tokens)
+        ops.act_quant = False
+        d["act_quant"] = aq
+        kind = d["kind"] = kind + ("+q8" if aq else "")
         res["decode"].append(d)
         print(f"edgerun {kind} 1B decode: {d['tok_s']:.0f} tok/s ({d['ms_per_token']:.2f} ms/token), "
               f"{d['launches_per_token']:.0f} launches/token, launch calls {d['launch_host_us_per_token']:.0f} us/token "

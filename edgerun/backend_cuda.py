@@ -68,6 +68,10 @@ class CUDABackend:
         from edgerun.kernels_cuda import linear, lowbit, ops, paged_attention
         self._lin, self._ops, self._attn, self._low = linear, ops, paged_attention, lowbit
         self._weights: dict[int, tuple] = {}     # id(host array) -> (host array, device copy)
+        # one-token int8/int4 matmuls with activations quantized to int8 per block of 32 (as the CPU
+        # backend's default) and dp4a dot products; off: float activations (the GPU's default)
+        self.act_quant = False
+        self._q8: dict[int, object] = {}
         self._pools: dict[int, tuple] = {}
 
     # ---- memory
@@ -178,6 +182,16 @@ class CUDABackend:
             elif res is not None:               # out = y + res, or out (= res) += y
                 self._ops.add_inplace(out, res if y is out else y)
             return out
+        if T == 1 and self.act_quant and w.kind in ("int8", "int4") and w.words is not None \
+                and lin.gemv_q8_fits(w.kind, w.cols, w.group):
+            q = self._act_q8(w.cols)                       # int8 activations (blocks of 32), then dp4a
+            lin.launch_quantize_act(x.reshape(w.cols), q, norm_w=norm_w, eps=eps)
+            fields = (w.words, w.b) if w.kind == "int8" else (w.words, w.b, w.c)
+            lin.launch_gemv_q8(w.kind, q, fields, w.group, out.reshape(out.shape[1]),
+                               res=bias if res is None else res.reshape(out.shape[1]), act=act)
+            if bias is not None and res is not None:
+                self._ops.add_inplace(out, bias.reshape(1, bias.shape[0]))
+            return out
         gemv = T == 1 and (w.words is not None or w.kind in ("f32", "f16", "bf16"))
         if gemv and lin.gemv_fits(w.kind, w.cols, w.group):
             fields = {"int8": (w.words, w.b), "int4": (w.words, w.b, w.c)}.get(w.kind, (w.a,))
@@ -197,6 +211,11 @@ class CUDABackend:
         else:
             lin.launch_gemm(w.kind, x, w.a, w.b, w.c, w.group, out, bias=bias, res=res)
         return out
+
+    def _act_q8(self, n: int):
+        if n not in self._q8:
+            self._q8[n] = self._lin.ActQ8(n)
+        return self._q8[n]
 
     def linear(self, x, w, out=None):
         """x (T, in) float32 @ W.T -> (T, out) on the device."""

@@ -27,7 +27,7 @@ import numpy as np
 from numba import cuda
 
 from ._launch import go
-from ._common import BLOCK, F32, SIM, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_sum, warp_sum4
+from ._common import BLOCK, F32, SIM, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_max, warp_sum, warp_sum4
 
 DENSE_ROWS = BLOCK // 32 * 4      # output rows per dense GEMV block: 4 per warp
 RED4 = 4 * BLOCK                  # shared scratch of warp_sum4 (a compile-time constant)
@@ -125,6 +125,36 @@ else:
         return ld4
 
 ldx4 = make_ld4(LD_X)
+
+if SIM:
+    def _dp4a(a, b, c, sa, sb):
+        av = np.array([int(a) & 0xFFFFFFFF], np.uint32).view(np.int8 if sa else np.uint8).astype(np.int64)
+        bv = np.array([int(b) & 0xFFFFFFFF], np.uint32).view(np.int8 if sb else np.uint8).astype(np.int64)
+        return np.int32(int(c) + int((av * bv).sum()))
+
+    def dp4a_ss(a, b, c):
+        """c + the dot product of the 4 signed bytes of a and of b (PTX dp4a.s32.s32)."""
+        return _dp4a(a, b, c, True, True)
+
+    def dp4a_us(a, b, c):
+        """c + the dot product of the 4 unsigned bytes of a and the 4 signed bytes of b (dp4a.u32.s32)."""
+        return _dp4a(a, b, c, False, True)
+else:
+    def _make_dp4a(form):
+        @intrinsic
+        def dp4a(typingctx, a, b, c):
+            sig = types.int32(a, b, c)
+
+            def codegen(context, builder, sig, args):
+                i32 = ir.IntType(32)
+                vals = [builder.trunc(v, i32) if v.type.width > 32 else v for v in args]
+                fnty = ir.FunctionType(i32, [i32, i32, i32])
+                return builder.call(ir.InlineAsm(fnty, f"dp4a.{form} $0, $1, $2, $3;", "=r,r,r,r"), vals)
+            return sig, codegen
+        return dp4a
+
+    dp4a_ss = _make_dp4a("s32.s32")
+    dp4a_us = _make_dp4a("u32.s32")
 
 
 # ------------------------------------------------------------------ GEMV (one token)
@@ -370,6 +400,218 @@ def _gemv_q_kernel(kind, KS, flag, ldw=None, pipe=None, maxreg=None):
 
     _GEMV[key] = kernel
     return kernel
+
+
+# ------------------------------------------------------------------ int8 activations (act_quant)
+
+if SIM:
+    def _rint(v):
+        return np.float32(np.rint(v))
+else:
+    from numba.cuda import libdevice as _libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _rint(v):
+        return _libdevice.rintf(v)
+
+
+@cuda.jit
+def quantize_act_kernel(x, norm_w, eps, xq, xs, xsum16):
+    """x (n,) [RMS-normed by norm_w] -> int8 per block of 32, as kernels_numba/simd.quantize_act:
+    xq (n,) int8 = rint(x * 127 / amax), xs (n/32,) = amax / 127, xsum16 (n/16,) = xs * sum(xq) over
+    each 16 inputs. A warp per block of 32; with a norm every block first sums x^2 over all of x.
+    Not fastmath: 127 / amax and rint round as on the CPU."""
+    red = cuda.shared.array(RED4, F32)
+    part = cuda.shared.array(32, F32)
+    t = cuda.threadIdx.x
+    lane = t & 31
+    n = x.shape[0]
+    inv = np.float32(1.0)
+    has_norm = norm_w.shape[0] > 0
+    if has_norm:
+        ss = np.float32(0.0)
+        for i in range(t, n, BLOCK):
+            ss += x[i] * x[i]
+        ss = block_sum(ss, red, part)
+        inv = np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
+    b = cuda.blockIdx.x * WPB + (t >> 5)
+    i = min(b * 32 + lane, n - 1)
+    v = x[i] * inv
+    if has_norm:
+        v = v * norm_w[i]
+    amax = warp_max(abs(v), red)
+    d = amax / np.float32(127.0)
+    q = _rint(v * (np.float32(127.0) / amax)) if amax > np.float32(0.0) else np.float32(0.0)
+    lo = warp_sum(q if lane < 16 else np.float32(0.0), red)
+    hi = warp_sum(q if lane >= 16 else np.float32(0.0), red)
+    if b * 32 < n:
+        xq[i] = np.int8(q)
+        if lane == 0:
+            xs[b] = d
+            xsum16[2 * b] = d * lo
+            xsum16[2 * b + 1] = d * hi
+
+
+@device
+def _q8_int8_chunk(c, xq32, xs, wa, wb, wc, wd, sa, sb, sc, sd, gs, per_row, a0, a1, a2, a3):
+    """A 16-byte chunk of 4 int8 rows against its 16 int8 activations (4 dp4a a row), times the
+    activation block's scale (and the weight group's)."""
+    xw = ldx4(xq32, c << U32(2))
+    d = xs[c >> U32(1)]
+    da = np.float32(dp4a_ss(wa[3], xw[3], dp4a_ss(wa[2], xw[2], dp4a_ss(wa[1], xw[1], dp4a_ss(wa[0], xw[0], 0)))))
+    db = np.float32(dp4a_ss(wb[3], xw[3], dp4a_ss(wb[2], xw[2], dp4a_ss(wb[1], xw[1], dp4a_ss(wb[0], xw[0], 0)))))
+    dc = np.float32(dp4a_ss(wc[3], xw[3], dp4a_ss(wc[2], xw[2], dp4a_ss(wc[1], xw[1], dp4a_ss(wc[0], xw[0], 0)))))
+    dd = np.float32(dp4a_ss(wd[3], xw[3], dp4a_ss(wd[2], xw[2], dp4a_ss(wd[1], xw[1], dp4a_ss(wd[0], xw[0], 0)))))
+    if per_row:
+        return a0 + d * da, a1 + d * db, a2 + d * dc, a3 + d * dd
+    g = (c << U32(4)) >> gs
+    return (a0 + np.float32(sa[g]) * d * da, a1 + np.float32(sb[g]) * d * db, a2 + np.float32(sc[g]) * d * dc,
+            a3 + np.float32(sd[g]) * d * dd)
+
+
+_LO4 = U32(0x0F0F0F0F)
+
+
+@device
+def _nib_dot(w, xl, xh):
+    """(low nibbles . xl, high nibbles . xh) over a 16-byte int4 chunk (8 dp4a)."""
+    lo = dp4a_us(w[0] & _LO4, xl[0], 0)
+    hi = dp4a_us((w[0] >> U32(4)) & _LO4, xh[0], 0)
+    lo = dp4a_us(w[1] & _LO4, xl[1], lo)
+    hi = dp4a_us((w[1] >> U32(4)) & _LO4, xh[1], hi)
+    lo = dp4a_us(w[2] & _LO4, xl[2], lo)
+    hi = dp4a_us((w[2] >> U32(4)) & _LO4, xh[2], hi)
+    lo = dp4a_us(w[3] & _LO4, xl[3], lo)
+    hi = dp4a_us((w[3] >> U32(4)) & _LO4, xh[3], hi)
+    return np.float32(lo), np.float32(hi)
+
+
+@device
+def _q8_int4_chunk(c, xq32, xs, xsum16, wa, wb, wc, wd, sa, sb, sc, sd, mins, ra, rb, rc, rd, has_mins, gshift,
+                   a0, a1, a2, a3):
+    """A 16-byte chunk of 4 int4 rows (inputs lo..lo+15 in the low nibbles, hi..hi+15 in the high
+    ones) against int8 activations: s (xs_lo u_lo.x_lo + xs_hi u_hi.x_hi) + c (xsum_lo + xsum_hi),
+    c = -8 s, or the group's min."""
+    byte = c << U32(4)
+    hs = gshift - U32(1)
+    g = byte >> hs
+    lo = (g << gshift) + (byte & ((U32(1) << hs) - U32(1)))
+    hi = lo + (U32(1) << hs)
+    xl, xh = ldx4(xq32, lo >> U32(2)), ldx4(xq32, hi >> U32(2))
+    dl, dh = xs[lo >> U32(5)], xs[hi >> U32(5)]
+    xsm = xsum16[lo >> U32(4)] + xsum16[hi >> U32(4)]
+    la, ha = _nib_dot(wa, xl, xh)
+    lb, hb = _nib_dot(wb, xl, xh)
+    lc, hc = _nib_dot(wc, xl, xh)
+    ld, hd = _nib_dot(wd, xl, xh)
+    if has_mins:
+        return (a0 + np.float32(sa[g]) * (dl * la + dh * ha) + np.float32(mins[ra, g]) * xsm,
+                a1 + np.float32(sb[g]) * (dl * lb + dh * hb) + np.float32(mins[rb, g]) * xsm,
+                a2 + np.float32(sc[g]) * (dl * lc + dh * hc) + np.float32(mins[rc, g]) * xsm,
+                a3 + np.float32(sd[g]) * (dl * ld + dh * hd) + np.float32(mins[rd, g]) * xsm)
+    m8 = np.float32(8.0) * xsm
+    return (a0 + np.float32(sa[g]) * (dl * la + dh * ha - m8), a1 + np.float32(sb[g]) * (dl * lb + dh * hb - m8),
+            a2 + np.float32(sc[g]) * (dl * lc + dh * hc - m8), a3 + np.float32(sd[g]) * (dl * ld + dh * hd - m8))
+
+
+def _gemv_q8_kernel(kind, KS, flag, ldw=None):
+    """The int8-activation GEMV (dp4a): the same shape of work as _gemv_q_kernel (a warp owns 4 rows,
+    KS warps split them, the next chunk's loads in flight while this one is computed)."""
+    ldw = ldw or LD_W
+    key = ("q8", kind, KS, flag, ldw)
+    if key in _GEMV:
+        return _GEMV[key]
+    RG = WPB // KS
+    ld4 = make_ld4(ldw)
+    int8 = kind == "int8"
+    PSHAPE = (WPB, 8)
+
+    @cuda.jit(fastmath=True)
+    def kernel(xq32, xs, xsum16, qw, scales, mins, gshift, res, act, out):
+        """out (rows,) = x @ W.T [+ res] | act on row pairs, x given as quantize_act_kernel's xq (as
+        int32 words), xs, xsum16; qw, scales, mins as in _gemv_q_kernel."""
+        red = cuda.shared.array(RED4, F32)
+        part = cuda.shared.array(PSHAPE, F32)
+        t = cuda.threadIdx.x
+        w, lane = t >> 5, t & 31
+        rg, ks = w // KS, w % KS
+        rows = qw.shape[0]
+        n = xq32.shape[0] * 4
+        r0 = (cuda.blockIdx.x * RG + rg) * 4
+        ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
+        qa, qb, qc, qd = qw[ra], qw[rb], qw[rc], qw[rd]
+        sa, sb, sc, sd = scales[ra], scales[rb], scales[rc], scales[rd]
+        gs = U32(gshift)
+        nc = U32(n >> 4) if int8 else U32(n >> 5)
+        step = U32(32 * KS)
+        c = U32(ks * 32 + lane)
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        i = min(c, nc - U32(1)) << U32(2)
+        wa, wb, wc, wd = ld4(qa, i), ld4(qb, i), ld4(qc, i), ld4(qd, i)
+        while c < nc:
+            c2 = c + step
+            if c2 < nc:
+                j = c2 << U32(2)
+                va, vb, vc, vd = ld4(qa, j), ld4(qb, j), ld4(qc, j), ld4(qd, j)
+            else:
+                va, vb, vc, vd = wa, wb, wc, wd
+            if int8:
+                a0, a1, a2, a3 = _q8_int8_chunk(c, xq32, xs, wa, wb, wc, wd, sa, sb, sc, sd, gs, flag,
+                                                a0, a1, a2, a3)
+            else:
+                a0, a1, a2, a3 = _q8_int4_chunk(c, xq32, xs, xsum16, wa, wb, wc, wd, sa, sb, sc, sd, mins,
+                                                ra, rb, rc, rd, flag, gs, a0, a1, a2, a3)
+            wa, wb, wc, wd = va, vb, vc, vd
+            c = c2
+        a0, a1, a2, a3 = _finish4(part, red, a0, a1, a2, a3, np.float32(0.0), False, ks, KS, np.float32(1.0), n,
+                                  np.float32(0.0))
+        if lane == 0 and ks == 0:
+            if int8 and flag:
+                a0, a1, a2, a3 = (a0 * np.float32(sa[0]), a1 * np.float32(sb[0]), a2 * np.float32(sc[0]),
+                                  a3 * np.float32(sd[0]))
+            _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
+
+    _GEMV[key] = kernel
+    return kernel
+
+
+class ActQ8:
+    """Scratch of the int8 activations of one x (n,): xq (n,) int8 and its int32 view, xs, xsum16."""
+
+    def __init__(self, n: int):
+        self.xq = cuda.device_array(n, np.int8)
+        self.xq32 = self.xq.view(np.int32)
+        self.xs = cuda.device_array(n // 32, np.float32)
+        self.xsum16 = cuda.device_array(n // 16, np.float32)
+
+
+def launch_quantize_act(x, q: ActQ8, norm_w=None, eps=0.0, stream=0):
+    """x (n,) (n % 32 == 0) [RMS-normed] -> q's int8 activations."""
+    go(quantize_act_kernel, blocks(x.shape[0] // 32, WPB), BLOCK, stream, 0,
+       (x, dummy() if norm_w is None else norm_w, np.float32(eps), q.xq, q.xs, q.xsum16))
+
+
+def launch_gemv_q8(kind, q: ActQ8, fields, group, out, res=None, act=ACT_NONE, stream=0):
+    """One token against int8 activations already in q (launch_quantize_act): out = act/res(x @ W.T)."""
+    n = q.xq.shape[0]
+    rows = fields[0].shape[0]
+    ks = gemv_split(kind, n, rows)
+    rs = dummy() if res is None else res
+    if kind == "int8":
+        per_row = group == n
+        args = (q.xq32, q.xs, q.xsum16, fields[0], fields[1], dummy(2), 0 if per_row else log2_exact(group), rs, act,
+                out)
+        k = _gemv_q8_kernel("int8", ks, per_row)
+    else:
+        args = (q.xq32, q.xs, q.xsum16, fields[0], fields[1], fields[2], log2_exact(group), rs, act, out)
+        k = _gemv_q8_kernel("int4", ks, fields[2].shape[0] > 0)
+    go(k, blocks(rows, WPB // ks * 4), BLOCK, stream, 0, args)
+
+
+def gemv_q8_fits(kind: str, n: int, group: int) -> bool:
+    """The int8-activation GEMV: the float GEMV's shapes with n a multiple of 32 (activation blocks)
+    and int8 weight groups of 32 or more (one activation block per weight group... or per row)."""
+    return n % 32 == 0 and gemv_fits(kind, n, group) and (kind != "int8" or group == n or group >= 16)
 
 
 def gemv_split(kind: str, n: int, rows: int) -> int:

@@ -439,3 +439,31 @@ def test_gpu_fork_and_device_sampling_generate(hf_dir_factory):
     del m_cpu
     for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3), dict(temperature=0.9, top_p=0.9, seed=5)):
         assert gpu.generate(ids, max_new_tokens=12, **kw) == cpu.generate(ids, max_new_tokens=12, **kw), kw
+
+
+@pytest.mark.parametrize("kind,params", CASES[:5], ids=[f"{k}-{p}" for k, p in CASES[:5]])
+def test_gemv_int8_activations_match_cpu_q8(kind, params):
+    """act_quant on the GPU: x quantized to int8 per block of 32 (as kernels_numba/simd.quantize_act)
+    and dp4a dot products equal the CPU's gemm_<kind>_q8; with the norm fused into the quantize."""
+    from edgerun.backend import get_backend
+    from edgerun.kernels_numba import simd
+    ops = get_backend("cuda")
+    rows, n = 37, 128
+    w = pack(kind, rng.standard_normal((rows, n)).astype(np.float32), **params)
+    x = rng.standard_normal((1, n)).astype(np.float32)
+    nw = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+    cpu = np.empty((1, rows), np.float32)
+    xn = cpu_ops.rms_norm_ref(x, nw, 1e-5).astype(np.float32)
+    getattr(cpu_lin, f"gemm_{kind}_q8")(xn, *[a for a in w if not isinstance(a, str)], cpu)
+    xq, xs, _ = simd.quantize_act_ref(xn[0])
+    W = CODECS[kind].unpack(w).astype(np.float64)
+    ref = (xq.astype(np.float64) * np.repeat(xs, 32)) @ W.T
+    dw = ops.upload(w)
+    out = ops.empty((1, rows))
+    ops.act_quant = True
+    try:
+        ops.matmul(dev(x), dw, out, norm_w=dev(nw), eps=1e-5)
+    finally:
+        ops.act_quant = False
+    check(out, ref[None], 1e-5, f"{kind} int8-activation GEMV vs ref")
+    check(out, cpu, 1e-5, f"{kind} int8-activation GEMV vs CPU q8 kernel")
