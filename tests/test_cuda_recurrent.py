@@ -125,7 +125,7 @@ def test_rms_norm_segments():
 
 
 @pytest.mark.parametrize("T,H,P,N,G,limit", [(1, 6, 11, 7, 3, (0.0, np.inf)), (7, 5, 8, 9, 1, (0.002, 0.03)),
-                                             (3, 4, 33, 40, 2, (0.0, np.inf))])
+                                             (3, 4, 17, 35, 2, (0.0, np.inf))])
 def test_ssd_scan(T, H, P, N, G, limit):
     xbc, dt = f(T, H * P + 2 * G * N), f(T, H)
     A, D, bias, h = -np.exp(f(H, s=0.5)), f(H), f(H), f(H, P, N)
