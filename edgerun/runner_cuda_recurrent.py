@@ -155,8 +155,10 @@ class DeviceRecurrent:
         from edgerun.kernels_cuda._launch import Dyn, recording
         hit = self._plans.pop(id(state), None)
         if hit is None or hit[0] is not state:
+            n0 = self.launches
             with recording() as plan:
                 out = self.forward(None, Dyn("tok"), state, False)
+            self.launches = n0                             # recorded, not launched
             hit = (state, plan, [p for p in plan if "tok" in p.dyn
                                  or any(getattr(a, "name", "") == "tok" for a in p.args)], out)
         self._plans[id(state)] = hit                       # most recent last; a plan holds its state:
