@@ -297,17 +297,19 @@ def _row_ptr(builder, arr, row, col):
 
 def _make_tile(rows, vecs):
     @intrinsic
-    def tile(typingctx, Y, A, R, i, k, p0):
-        """Y[i:i+rows, p0:p0+16*vecs] += A[i:i+rows, :k] @ R[:k, p0:p0+16*vecs]; 2-D C-contiguous float32."""
+    def tile(typingctx, Y, A, R, i, k, p0, alpha):
+        """Y[i:i+rows, p0:p0+16*vecs] = alpha * Y[...] + A[i:i+rows, :k] @ R[:k, p0:p0+16*vecs]
+        (Y is not read when alpha == 0); 2-D C-contiguous float32."""
         if not all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype == types.float32
                    for t in (Y, A, R)):
             return None
-        sig = types.void(Y, A, R, types.intp, types.intp, types.intp)
+        sig = types.void(Y, A, R, types.intp, types.intp, types.intp, types.float32)
 
         def codegen(context, builder, sig_, args):
             i64 = ir.IntType(64)
             ya, aa, ra = (context.make_array(t)(context, builder, v) for t, v in zip(sig_.args[:3], args[:3]))
             i, k, p0 = args[3], args[4], args[5]
+            alpha = context.cast(builder, args[6], sig_.args[6], types.float32)
             zero = ir.Constant(i64, 0)
             arow = [_row_ptr(builder, aa, builder.add(i, ir.Constant(i64, r)), zero) for r in range(rows)]
             rbase = _row_ptr(builder, ra, zero, p0)
@@ -333,13 +335,19 @@ def _make_tile(rows, vecs):
                         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vf, [_vf] * 3),
                                                             f"llvm.fma.v{_VW}f32")
                         builder.store(builder.call(fn, [av, rv[v], builder.load(acc)]), acc)
+            keep = builder.fcmp_unordered("!=", alpha, ir.Constant(_f32t, 0.0))
+            av = builder.insert_element(ir.Constant(_vf, ir.Undefined), alpha, ir.Constant(ir.IntType(32), 0))
+            av = builder.shuffle_vector(av, av, ir.Constant(ir.VectorType(ir.IntType(32), _VW), [0] * _VW))
             for r in range(rows):
                 yp = _row_ptr(builder, ya, builder.add(i, ir.Constant(i64, r)), p0)
                 for v in range(vecs):
                     ptr = builder.inttoptr(builder.add(yp, ir.Constant(i64, 4 * _VW * v)), _vf.as_pointer())
-                    old = builder.load(ptr)
-                    old.align = 4
-                    st = builder.store(builder.fadd(old, builder.load(accs[r][v])), ptr)
+                    acc = builder.load(accs[r][v])
+                    with builder.if_then(keep):
+                        old = builder.load(ptr)
+                        old.align = 4
+                        builder.store(builder.fadd(acc, builder.fmul(av, old)), accs[r][v])
+                    st = builder.store(builder.load(accs[r][v]), ptr)
                     st.align = 4
             return context.get_dummy_value()
 
@@ -351,28 +359,32 @@ _tile4x4, _tile1x4, _tile4x1, _tile1x1 = _make_tile(4, 4), _make_tile(1, 4), _ma
 
 
 @njit(fastmath=FASTMATH, **JIT)
-def _gemm_acc(Y, A, R, m, k):
-    """Y[:m] += A[:m, :k] @ R[:k]: Y (>= m, P), A (>= m, >= k), R (>= k, P), all C-contiguous float32.
-    Register tiles over columns in multiples of 16; the last P % 16 columns by plain loops."""
+def _gemm(Y, A, R, m, k, alpha):
+    """Y[:m] = alpha * Y[:m] + A[:m, :k] @ R[:k] (Y not read when alpha == 0): Y (>= m, P), A (>= m, >= k),
+    R (>= k, P), all C-contiguous float32. Register tiles over columns in multiples of 16; the last
+    P % 16 columns by plain loops."""
     P = Y.shape[1]
+    alpha = np.float32(alpha)
     i = 0
     while i < m:
         four = i + 4 <= m
         p0 = 0
         while p0 + 4 * _VW <= P:
             if four:
-                _tile4x4(Y, A, R, i, k, p0)
+                _tile4x4(Y, A, R, i, k, p0, alpha)
             else:
-                _tile1x4(Y, A, R, i, k, p0)
+                _tile1x4(Y, A, R, i, k, p0, alpha)
             p0 += 4 * _VW
         while p0 + _VW <= P:
             if four:
-                _tile4x1(Y, A, R, i, k, p0)
+                _tile4x1(Y, A, R, i, k, p0, alpha)
             else:
-                _tile1x1(Y, A, R, i, k, p0)
+                _tile1x1(Y, A, R, i, k, p0, alpha)
             p0 += _VW
         for r in range(i, i + 4 if four else i + 1):
             yr, ar = Y[r], A[r]
+            for p in range(p0, P):
+                yr[p] = alpha * yr[p] if alpha != 0 else np.float32(0.0)
             for j in range(k):
                 a, rj = ar[j], R[j]
                 for p in range(p0, P):
@@ -405,7 +417,7 @@ def _ssd_group_chunk(xbc, G, g, c0, Lc, Cg, Bt, cb):
         Bl = xbc[c0 + l, d_inner + g * N:d_inner + (g + 1) * N]
         for n in range(N):
             Bt[n, l] = Bl[n]
-    _gemm_acc(cb, Cg, Bt, Lc, N)                              # only its lower triangle is read
+    _gemm(cb, Cg, Bt, Lc, N, 0.0)                             # only its lower triangle is read
 
 
 @njit(fastmath=FASTMATH, **JIT)
@@ -432,17 +444,15 @@ def _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, 
             acc64 += np.float64(dtc[l]) * np.float64(A[hh])
             cum[l] = acc64
         for l in range(Lc):
-            src = xbc[c0 + l, hh * P:(hh + 1) * P]
-            Xl, Yl = X[l], Y[l]
+            src, Xl = xbc[c0 + l, hh * P:(hh + 1) * P], X[l]
             for p in range(P):
                 Xl[p] = src[p]
-                Yl[p] = np.float32(0.0)
         cb = CB[g, c]
         for l in range(Lc):
             Ml, cbl = M[l], cb[l]
             for s in range(l + 1):
                 Ml[s] = cbl[s] * fast_exp(np.float32(cum[l] - cum[s])) * dtc[s]
-        _gemm_acc(Y, Cs[g, c], hT, Lc, N)                         # C h^T
+        _gemm(Y, Cs[g, c], hT, Lc, N, 0.0)                        # C h^T
         for l in range(Lc):
             el = fast_exp(np.float32(cum[l]))
             Xl, Yl = X[l], Y[l]
@@ -451,7 +461,7 @@ def _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, 
         # this chunk's own tokens: rows in blocks of 4 need M up to the block's last row (zeros above)
         for l0 in range(0, Lc, 4):
             m = min(4, Lc - l0)
-            _gemm_acc(Y[l0:], M[l0:], X, m, l0 + m)
+            _gemm(Y[l0:], M[l0:], X, m, l0 + m, 1.0)
         for l in range(Lc):
             src, yl = Y[l], out[c0 + l, hh * P:(hh + 1) * P]
             for p in range(P):
@@ -462,11 +472,7 @@ def _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, 
             Xs = X[s]
             for p in range(P):
                 Xs[p] *= ws
-        for n in range(N):
-            hn = hT[n]
-            for p in range(P):
-                hn[p] *= eL
-        _gemm_acc(hT, BT[g, c], X, N, Lc)                         # + B^T X
+        _gemm(hT, BT[g, c], X, N, Lc, eL)                         # h <- eL h + B^T X
     _transpose(hT, h[hh])
 
 
@@ -479,7 +485,7 @@ def ssd_chunked(xbc, dt, A, D, dt_bias, h, G, chunk, dt_min, dt_max, out):
         Y = exp(cum) * (C h^T) + M X + D X                             (L, P)
         h = exp(cum_L) h + ((exp(cum_L - cum) * dt) X)^T B             (P, N)
 
-    three small GEMMs (``_gemm_acc``, register tiles); the state is kept transposed (N, P) while a
+    three small GEMMs (``_gemm``, register tiles); the state is kept transposed (N, P) while a
     head runs through its chunks. Groups x chunks, then heads, run in parallel; the loop bodies are
     functions of their own (a small parfor body compiles in half the time); nothing is allocated
     per chunk."""

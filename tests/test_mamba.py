@@ -113,16 +113,20 @@ def test_selective_scan(T, d, N):
     assert _err(h2, ref_h) < KERNEL_TOL
 
 
-@pytest.mark.parametrize("m,k,P", [(1, 1, 1), (7, 13, 85), (4, 128, 64), (9, 3, 16), (6, 0, 21)])
-def test_gemm_acc(m, k, P):
-    """The SSD's register-tiled GEMM against NumPy: rows not a multiple of 4, columns covering the 64- and
-    16-wide tiles and the plain-loop tail, on views whose first row is not row 0."""
+@pytest.mark.parametrize("m,k,P,alpha", [(1, 1, 1, 1.0), (7, 13, 85, 0.0), (4, 128, 64, 0.7), (9, 3, 16, 1.0),
+                                         (6, 0, 21, 0.0), (5, 33, 80, 2.0)])
+def test_gemm(m, k, P, alpha):
+    """The SSD's register-tiled GEMM (Y = alpha Y + A @ R) against NumPy: rows not a multiple of 4, columns
+    covering the 64- and 16-wide tiles and the plain-loop tail, views whose first row is not row 0, and
+    alpha = 0 overwriting a Y that holds NaN."""
     rng = np.random.default_rng(m * 100 + k + P)
     Y, A, R = _f(rng, m + 2, P), _f(rng, m + 1, k + 3), _f(rng, k + 1, P)
+    if alpha == 0:
+        Y[1:m + 1] = np.nan
     ref = Y.astype(np.float64)
-    ref[1:m + 1] += A[1:m + 1, :k].astype(np.float64) @ R[:k]
+    ref[1:m + 1] = (alpha * ref[1:m + 1] if alpha else 0.0) + A[1:m + 1, :k].astype(np.float64) @ R[:k]
     got = Y.copy()
-    ssm._gemm_acc(got[1:], A[1:], R, m, k)
+    ssm._gemm(got[1:], A[1:], R, m, k, alpha)
     assert _err(got, ref) < KERNEL_TOL, f"max {np.abs(got - ref).max():.3g} mean {np.abs(got - ref).mean():.3g}"
 
 
