@@ -5,14 +5,14 @@ hundred thousand floats, L1/L2-resident); the same steps as edgerun/generate/sam
 
 - greedy (temperature 0): argmax, the lowest index among equal maxima;
 - temperature -> top-k -> top-p -> draw: logits become order-preserving uint32 keys; the
-  top-k threshold is the largest key T with count(key >= T) >= k, found bit by bit (32 block
-  counts); probabilities exp((l - max) / temperature) over the kept set; the top-p threshold
-  is the largest key with mass(key >= T) >= top_p * total (32 block sums), i.e. the most
-  likely tokens down to the one where the running total first reaches top_p.
+  top-k threshold is the key of the k-th most likely token, found by a radix select (8 bits a
+  pass: a 256-bin histogram in shared memory, 4 passes); probabilities exp((l - max) / T) over
+  the kept set; the top-p threshold is the key where the running mass from the most likely
+  down first reaches top_p of the total (the same radix select on mass histograms).
 - the draw takes a uniform u from the host's Sampler stream (one per token, as on the CPU) and
   walks the kept tokens in the CPU sampler's order, so the same seed picks the same token: in
-  descending probability when top-p is on (one more 32-step search on the key), otherwise in
-  ascending id (a block prefix sum over contiguous slices, then one thread walks its slice).
+  descending probability when top-p is on (one more radix select, on the running mass), otherwise
+  in ascending id (a block prefix sum over contiguous slices, then one thread walks its slice).
 
 Ties at the top-k threshold keep every tied token (the CPU keeps exactly k, picked by
 argpartition); the kept set otherwise equals ``candidate_probs``' (float32 here, float64 there).
@@ -79,11 +79,6 @@ def _pm(v, lo_key, m, inv_t):
     return math.exp((v - m) * inv_t) if _key(v) >= lo_key else np.float32(0.0)
 
 
-@device
-def _ge(v, cand):
-    return np.float32(1.0) if _key(v) >= cand else np.float32(0.0)
-
-
 @cuda.jit(device=True, inline=True)
 def _mass(logits, n, lo_key, m, inv_t, red, part):
     """Block sum of exp((l - m) / T) over the tokens with key >= lo_key; 4 loads in flight a thread
@@ -106,23 +101,47 @@ def _mass(logits, n, lo_key, m, inv_t, red, part):
 
 
 @cuda.jit(device=True, inline=True)
-def _count(logits, n, cand, red, part):
-    """Block count of the tokens with key >= cand (exact in float32 below 2**24)."""
-    S = SAMPLE_THREADS
-    s = np.float32(0.0)
-    for i in range(cuda.threadIdx.x, n, 4 * S):
-        v0 = logits[i]
-        v1 = logits[min(i + S, n - 1)]
-        v2 = logits[min(i + 2 * S, n - 1)]
-        v3 = logits[min(i + 3 * S, n - 1)]
-        s += _ge(v0, cand)
-        if i + S < n:
-            s += _ge(v1, cand)
-        if i + 2 * S < n:
-            s += _ge(v2, cand)
-        if i + 3 * S < n:
-            s += _ge(v3, cand)
-    return _block_total(s, red, part)
+def _radix(logits, n, lo, m, inv_t, want, mass, strict, hist, sv, si):
+    """Radix select over the keys, 8 bits a pass (4 passes, not 32): the key K where the running
+    count (mass False) or probability mass of the kept tokens (key >= lo), taken from the most likely
+    down, first reaches want (> want if strict). Histograms in shared memory by atomics; one thread
+    scans the 256 bins of a level."""
+    t = cuda.threadIdx.x
+    prefix = U32(0)
+    for level in range(4):
+        shift = U32(24 - 8 * level)
+        for j in range(t, 256, SAMPLE_THREADS):
+            hist[j] = np.float32(0.0)
+        cuda.syncthreads()
+        for i in range(t, n, SAMPLE_THREADS):
+            v = logits[i]
+            k = _key(v)
+            if k >= lo and (level == 0 or ((k >> shift) >> U32(8)) == prefix):
+                d = (k >> shift) & U32(255)
+                cuda.atomic.add(hist, d, math.exp((v - m) * inv_t) if mass else np.float32(1.0))
+        cuda.syncthreads()
+        if t == 0:
+            cum = np.float32(0.0)
+            chosen = np.int32(-1)
+            last = np.int32(0)
+            for dd in range(255, -1, -1):
+                h = hist[dd]
+                if h > np.float32(0.0):
+                    last = np.int32(dd)
+                    if (cum + h > want) if strict else (cum + h >= want):
+                        chosen = np.int32(dd)
+                        break
+                    cum += h
+            if chosen < 0:                      # rounding left want above the total: the least likely
+                chosen = last
+                cum -= hist[last]
+            sv[0] = want - cum
+            si[0] = chosen
+        cuda.syncthreads()
+        want = sv[0]
+        prefix = (prefix << U32(8)) | U32(si[0])
+        cuda.syncthreads()
+    return prefix
 
 
 @cuda.jit
@@ -150,23 +169,15 @@ def sample_kernel(logits, temp_bits, top_k, top_p_bits, u_bits, out, probs):
             out[0] = arg if arg < n else 0
         return
     inv_t = np.float32(1.0) / temp
-    # top-k threshold on the keys
-    lo = U32(0)
+    hist = cuda.shared.array(256, F32)
+    # top-k: the key of the k-th most likely token (ties at it all kept); key 0 (NaN) never kept
+    lo = U32(1)
     if top_k > 0 and top_k < n:
-        for b in range(31, -1, -1):
-            cand = lo | (U32(1) << U32(b))
-            if _count(logits, n, cand, red, part) >= np.float32(top_k):
-                lo = cand
+        lo = _radix(logits, n, lo, m, inv_t, np.float32(top_k), False, False, hist, sv, si)
     total = _mass(logits, n, lo, m, inv_t, red, part)
-    # top-p threshold: the largest key whose upper mass reaches top_p of the total
+    # top-p: the most likely tokens down to the one where the running mass first reaches top_p
     if top_p < np.float32(1.0):
-        need = top_p * total
-        lo2 = U32(0)
-        for b in range(31, -1, -1):               # the largest T with mass(key >= max(T, lo)) >= need
-            cand = lo2 | (U32(1) << U32(b))
-            if _mass(logits, n, max(cand, lo), m, inv_t, red, part) >= need:
-                lo2 = cand
-        lo = max(lo2, lo)
+        lo = max(lo, _radix(logits, n, lo, m, inv_t, top_p * total, True, False, hist, sv, si))
         total = _mass(logits, n, lo, m, inv_t, red, part)
     if probs.shape[0] == n:
         for i in range(t, n, SAMPLE_THREADS):
@@ -174,13 +185,8 @@ def sample_kernel(logits, temp_bits, top_k, top_p_bits, u_bits, out, probs):
             probs[i] = math.exp((v - m) * inv_t) / total if _key(v) >= lo else np.float32(0.0)
     target = np.float32(u_bits) * np.float32(2.0 ** -32) * total
     if top_p < np.float32(1.0):
-        # descending probability: the token whose key K has mass(key > K) <= target < mass(key >= K)
-        kk = U32(0)
-        for b in range(31, -1, -1):
-            cand = kk | (U32(1) << U32(b))
-            if _mass(logits, n, max(cand, lo), m, inv_t, red, part) > target:
-                kk = cand
-        kk = max(kk, lo)
+        # descending probability: the key where the running mass first exceeds the target
+        kk = _radix(logits, n, lo, m, inv_t, target, True, True, hist, sv, si)
         # kk: the largest key whose upper mass exceeds the target; its token (lowest id of equal keys)
         bv2, bi2 = _NEG, np.int32(n)
         for i in range(t, n, SAMPLE_THREADS):
