@@ -16,10 +16,11 @@ Inner loops index slices with the loop counter (see linear.py): head slices are 
 (head, token) so LLVM vectorises the loops over a head's channels.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ._common import FASTMATH, JIT
-from .ssm import fast_exp
+from .ssm import _bits_as_f32, fast_exp
 
 # numpy's error model: a float division is not checked for zero, so loops holding one vectorise
 JIT = dict(JIT, error_model="numpy")
@@ -231,6 +232,21 @@ def v7_tail_serial(r, wl, k, v, al, vl, vfirst, g, w0, a0, v0, k_k, k_a, r_k, ln
 
 # ------------------------------------------------------------------ v7 low-rank projections
 
+def _wf(x):
+    """A LoRA weight element as float32: float32 as is, uint16 as bfloat16 bits."""
+
+
+@overload(_wf, jit_options=JIT)
+def _wf_impl(x):
+    if isinstance(x, types.Integer):                 # bf16: the high half of a float32
+        return lambda x: _bits_as_f32(np.int32(x) << np.int32(16))
+    return lambda x: np.float32(x)
+
+
+def lora_weight_f32(a: np.ndarray) -> np.ndarray:
+    """The float32 values of a LoRA weight: float32 as is, bf16 bits (uint16) widened."""
+    return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a
+
 @njit(inline="always", fastmath=FASTMATH)
 def _lora_act(h, nt, act):
     for i in range(nt):
@@ -248,7 +264,8 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
     """out[t] = act(x[t] @ down.T) @ up_t for tokens t0 .. t0+nt-1 (nt <= 4): the down projection as
     dot products of four tokens with two rows of ``down`` (D, C) at a time, the up one as rows of
     ``up_t`` (D, C), four at a time, scaled and added to four token rows (one loaded and stored
-    per four multiply-adds). act: 0 none, 1 tanh, 2 sigmoid.  h (4, D), spare (3, C) scratch."""
+    per four multiply-adds). Weights float32 or bf16 bits (uint16). act: 0 none, 1 tanh,
+    2 sigmoid.  h (4, D), spare (3, C) scratch."""
     D = down.shape[0]
     if nt == 1:                                   # decode: one token, no wasted lanes
         xt, ot, ht = x[t0], out[t0], h[0]
@@ -256,7 +273,7 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
             dd = down[d]
             acc = np.float32(0.0)
             for c in range(dd.shape[0]):
-                acc += xt[c] * dd[c]
+                acc += xt[c] * _wf(dd[c])
             ht[d] = acc
         _lora_act(h, 1, act)
         for c in range(ot.shape[0]):
@@ -264,7 +281,7 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
         for d in range(D):
             ud, hd = up_t[d], ht[d]
             for c in range(ud.shape[0]):
-                ot[c] += hd * ud[c]
+                ot[c] += hd * _wf(ud[c])
         return
     x0, x1, x2, x3 = x[t0], x[t0 + min(1, nt - 1)], x[t0 + min(2, nt - 1)], x[t0 + min(3, nt - 1)]
     D2 = D - D % 2
@@ -279,7 +296,7 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
         q2 = np.float32(0.0)
         q3 = np.float32(0.0)
         for c in range(da.shape[0]):
-            wa, wb = da[c], db[c]
+            wa, wb = _wf(da[c]), _wf(db[c])
             s0 += x0[c] * wa
             s1 += x1[c] * wa
             s2 += x2[c] * wa
@@ -297,10 +314,11 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
         s2 = np.float32(0.0)
         s3 = np.float32(0.0)
         for c in range(dd.shape[0]):
-            s0 += x0[c] * dd[c]
-            s1 += x1[c] * dd[c]
-            s2 += x2[c] * dd[c]
-            s3 += x3[c] * dd[c]
+            w = _wf(dd[c])
+            s0 += x0[c] * w
+            s1 += x1[c] * w
+            s2 += x2[c] * w
+            s3 += x3[c] * w
         h[0, d], h[1, d], h[2, d], h[3, d] = s0, s1, s2, s3
     _lora_act(h, nt, act)
     # a short chunk (nt < 4) sends its unused lanes to scratch rows
@@ -321,7 +339,7 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
         c0, c1, c2, c3 = h[0, d + 2], h[1, d + 2], h[2, d + 2], h[3, d + 2]
         e0, e1, e2, e3 = h[0, d + 3], h[1, d + 3], h[2, d + 3], h[3, d + 3]
         for c in range(ua.shape[0]):
-            wa, wb, wc, wd = ua[c], ub[c], uc[c], ud[c]
+            wa, wb, wc, wd = _wf(ua[c]), _wf(ub[c]), _wf(uc[c]), _wf(ud[c])
             o0[c] += a0 * wa + b0 * wb + c0 * wc + e0 * wd
             o1[c] += a1 * wa + b1 * wb + c1 * wc + e1 * wd
             o2[c] += a2 * wa + b2 * wb + c2 * wc + e2 * wd
@@ -330,7 +348,7 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
         ud = up_t[d]
         a0, a1, a2, a3 = h[0, d], h[1, d], h[2, d], h[3, d]
         for c in range(ud.shape[0]):
-            w = ud[c]
+            w = _wf(ud[c])
             o0[c] += a0 * w
             o1[c] += a1 * w
             o2[c] += a2 * w
@@ -620,6 +638,7 @@ def shift_mix_dyn_ref(x, prev, mix, dyn):
 def v7_lora_ref(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t):
     """NumPy twin of v7_lora: (4, T, C) float32 (out[2] zero when v1 has no rows)."""
     f = np.float64
+    w1, w2t, a1, a2t, v1, v2t, g1, g2t = (lora_weight_f32(a) for a in (w1, w2t, a1, a2t, v1, v2t, g1, g2t))
     x = mixed.astype(f)
     out = np.zeros((4, *mixed.shape[1:]))
     out[0] = np.tanh(x[1] @ w1.T.astype(f)) @ w2t.astype(f)
@@ -633,6 +652,7 @@ def v7_lora_ref(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t):
 def v6_mix_ref(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t):
     """NumPy twin of v6_mix (BlinkDL's RWKV_Tmix_x060 up to the projections): (5, T, C) float32."""
     f = np.float64
+    maa_w1, maa_w2, decay_w1, decay_w2t = (lora_weight_f32(a) for a in (maa_w1, maa_w2, decay_w1, decay_w2t))
     x = x.astype(f)
     sx = np.concatenate([prev[None].astype(f), x[:-1]]) - x
     M, D = maa_w2.shape[:2]

@@ -424,6 +424,15 @@ def test_v7_lora_kernel(T, C, D, layer0):
     m = []
     for r in ranks:
         m += [_rand(rng, r, C, s=0.3), _rand(rng, r, C, s=0.3)]
+    for bf16 in (False, True):                       # float32 weights, and bf16 bits (uint16)
+        _check_v7_lora(mixed, [_bf16_bits(a) for a in m] if bf16 else m, T, C, layer0)
+
+
+def _bf16_bits(a):
+    return (np.ascontiguousarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _check_v7_lora(mixed, m, T, C, layer0):
     want = wkv.v7_lora_ref(mixed, *m)
     for f in (wkv.v7_lora, wkv.v7_lora_serial):
         out = np.full((4, T, C), 7.0, np.float32)
@@ -443,12 +452,14 @@ def test_v6_mix_kernel(T, C, D, Dd):
     p = (rng.uniform(0, 1, C).astype(np.float32), rng.uniform(0, 1, (5, C)).astype(np.float32),
          _rand(rng, 5 * D, C, s=0.3), _rand(rng, 5, D, C, s=0.3), _rand(rng, C) - 2,
          _rand(rng, Dd, C, s=0.3), _rand(rng, Dd, C, s=0.3))
-    want = wkv.v6_mix_ref(x, prev, *p)
-    for f in (wkv.v6_mix, wkv.v6_mix_serial):
-        out = np.empty((5, T, C), np.float32)
-        f(x, prev, *p, out)
-        err = np.abs(out - want).max()
-        assert err < 2e-6 * max(1.0, np.abs(want).max()), f"{f.__name__}: max err {err:.3g}"
+    pb = p[:2] + (_bf16_bits(p[2]), _bf16_bits(p[3]), p[4], _bf16_bits(p[5]), _bf16_bits(p[6]))
+    for args in (p, pb):                             # float32 LoRA weights, and bf16 bits
+        want = wkv.v6_mix_ref(x, prev, *args)
+        for f in (wkv.v6_mix, wkv.v6_mix_serial):
+            out = np.empty((5, T, C), np.float32)
+            f(x, prev, *args, out)
+            err = np.abs(out - want).max()
+            assert err < 2e-6 * max(1.0, np.abs(want).max()), f"{f.__name__}: max err {err:.3g}"
 
 
 @pytest.mark.parametrize("T,C,G", [(1, 7, 1), (5, 96, 8), (3, 130, 13)])

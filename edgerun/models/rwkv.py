@@ -214,7 +214,17 @@ def _v6_mix_params(w: dict, p: str, maa_x, maa, decay):
     if not all(dense(x) for x in (m1, m2, d1, d2)):
         return None
     f = lambda x: np.ascontiguousarray(np.asarray(getattr(x, "w", x), np.float32))      # noqa: E731
-    return (f(maa_x), f(maa), f(m1), f(m2), f(decay), f(d1), np.ascontiguousarray(f(d2).T))
+    lora = _bf16_all([f(m1), f(m2), f(d1), np.ascontiguousarray(f(d2).T)])
+    return (f(maa_x), f(maa), lora[0], lora[1], f(decay), lora[2], lora[3])
+
+
+def _bf16_all(mats: list) -> list:
+    """All of a layer's LoRA matrices as bf16 bits if every one is exactly bf16 (a bf16 checkpoint:
+    half the bytes per decode step), else all float32 as given."""
+    bits = [np.ascontiguousarray(m, np.float32).view(np.uint32) for m in mats]
+    if any((b & 0xFFFF).any() for b in bits):
+        return mats
+    return [(b >> 16).astype(np.uint16) for b in bits]
 
 
 def _v7_lora_params(w: dict, p: str, C: int, with_v: bool):
@@ -229,7 +239,7 @@ def _v7_lora_params(w: dict, p: str, C: int, with_v: bool):
         if getattr(down, "dtype", None) != "f32" or getattr(up, "dtype", None) != "f32":
             return None
         out += [np.ascontiguousarray(np.asarray(down.w)), np.ascontiguousarray(np.asarray(up.w).T)]
-    return tuple(out)
+    return tuple(_bf16_all(out))
 
 
 class ChannelMix:
