@@ -37,6 +37,7 @@ def _import_cuda():
 
 
 LOWBIT = ("ternary", "ternary_b3", "binary", "sparse24")
+ACT_RELU2 = 3          # relu(gate)**2 * up (BitNet), with the low-bit kinds
 
 
 class DevWeight(NamedTuple):
@@ -177,7 +178,9 @@ class CUDABackend:
             self._lowbit(x, w, y)
             if bias is not None:
                 self._ops.add_inplace(y, bias.reshape(1, bias.shape[0]))
-            if act:
+            if act == ACT_RELU2:
+                self._low.relu2_pairs(y, out)
+            elif act:
                 self._ops.act_pairs(y, act, out)
             elif res is not None:               # out = y + res, or out (= res) += y
                 self._ops.add_inplace(out, res if y is out else y)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .backend_cuda import DevWeight
 from .errors import EdgerunError
-from .packed import DenseWeight, Int4Weight, Int8Weight
+from .packed import DenseWeight, Int4Weight, Int8Weight, TernaryWeight
 
 
 # ------------------------------------------------------------------ fusing host weights before upload
@@ -34,6 +34,10 @@ def _same_layout(ws) -> bool:
         return False
     if t is DenseWeight:
         return len({w.dtype for w in ws}) == 1
+    if t is TernaryWeight:
+        return len({w.n for w in ws}) == 1
+    if t not in (Int8Weight, Int4Weight):
+        return False
     if len({w.group for w in ws}) != 1 or len({w.scales.dtype for w in ws}) != 1:
         return False
     return t is not Int4Weight or len({w.mins.size > 0 for w in ws}) == 1
@@ -46,10 +50,18 @@ def concat_rows(ws):
     w0 = ws[0]
     if isinstance(w0, DenseWeight):
         return DenseWeight(np.concatenate([w.w for w in ws]), w0.dtype)
+    if isinstance(w0, TernaryWeight):
+        return TernaryWeight(np.concatenate([w.codes for w in ws]), np.concatenate([_row_scales(w) for w in ws]), w0.n)
     if isinstance(w0, Int8Weight):
         return Int8Weight(np.concatenate([w.q for w in ws]), np.concatenate([w.scales for w in ws]), w0.group)
     mins = np.concatenate([w.mins for w in ws]) if w0.mins.size else w0.mins
     return Int4Weight(np.concatenate([w.qs for w in ws]), np.concatenate([w.scales for w in ws]), mins, w0.group)
+
+
+def _row_scales(w: TernaryWeight) -> np.ndarray:
+    """A ternary weight's scales one per row (a per-tensor scale repeated), float32."""
+    s = np.asarray(w.scales, np.float32)
+    return np.full(w.codes.shape[0], s[0], np.float32) if s.shape[0] == 1 else s
 
 
 def interleave_rows(g, u):
@@ -61,6 +73,8 @@ def interleave_rows(g, u):
         return np.ascontiguousarray(np.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:]))
     if isinstance(g, DenseWeight):
         return DenseWeight(il(g.w, u.w), g.dtype)
+    if isinstance(g, TernaryWeight):
+        return TernaryWeight(il(g.codes, u.codes), il(_row_scales(g), _row_scales(u)), g.n)
     if isinstance(g, Int8Weight):
         return Int8Weight(il(g.q, u.q), il(g.scales, u.scales), g.group)
     mins = il(g.mins, u.mins) if g.mins.size else g.mins
@@ -299,7 +313,7 @@ class DeviceLlama:
             self._mm(att2, L.wo, tmp, bias=L.o_bias)
             self._launch(ops._ops.add_rms_norm, x, tmp, L.post_attn_norm, self.eps)
         else:
-            self._mm(att2, L.wo, x, bias=L.o_bias, res=x)
+            self._mm(att2, L.wo, x, norm_w=L.attn_sub_norm, bias=L.o_bias, res=x)
         inter = self.args.intermediate_size
         act = b["act"] if b else e((T, inter))
         if L.gu is not None:
@@ -309,13 +323,15 @@ class DeviceLlama:
             self._mm(x, L.gate, act, norm_w=L.mlp_norm)
             self._mm(x, L.up, u, norm_w=L.mlp_norm)
             fn = ops._ops.silu_mul if L.act == 1 else ops._ops.gelu_tanh_mul
+            if L.act == 3:
+                raise EdgerunError("BitNet's gate and up projections must share one ternary layout on the GPU")
             self._launch(fn, act, u, act)
         if self.gemma:
             tmp = b["tmp"] if b else e(x.shape)
             self._mm(act, L.wdown, tmp)
             self._launch(ops._ops.add_rms_norm, x, tmp, L.post_ff_norm, self.eps)
         else:
-            self._mm(act, L.wdown, x, res=x)
+            self._mm(act, L.wdown, x, norm_w=L.ffn_sub_norm, res=x)
 
     def _rope_store(self, qkv, L, start, kp, vp, table, q):
         from edgerun.kernels_cuda._launch import go
@@ -328,11 +344,12 @@ class DeviceLlama:
 # ------------------------------------------------------------------ building a runner from a host model
 
 def runner_for(model, ops) -> DeviceLlama:
-    from .models import gemma3, llama
-    if not isinstance(model, llama.Model) or type(model.layers[0]) not in (llama.Block, gemma3.Block) \
-            or any(type(L.attn) not in (llama.Attention, gemma3.Attention) for L in model.layers):
+    from .models import bitnet, gemma3, llama
+    if not isinstance(model, llama.Model) or type(model.layers[0]) not in (llama.Block, gemma3.Block, bitnet.Block) \
+            or any(type(L.attn) not in (llama.Attention, gemma3.Attention, bitnet.Attention) for L in model.layers):
         raise EdgerunError(f"{type(model).__module__}.{type(model).__name__} is not on the GPU yet "
-                           "(device 'cuda' runs the Llama family and Gemma 3); use --device cpu")
+                           "(device 'cuda' runs the Llama family, Gemma 3 and BitNet); use --device cpu")
+    is_bitnet = isinstance(model.layers[0], bitnet.Block)
     gemma = isinstance(model, gemma3.Model)
     if model.kv_options.get("dtype", "f32") != "f32":
         raise EdgerunError("int8 KV blocks (--kv-int8) are not on the GPU yet")
@@ -367,7 +384,9 @@ def runner_for(model, ops) -> DeviceLlama:
             wo=ops.upload(at.o), o_bias=vec(at.o_bias),
             gu=ops.upload(gu) if gu is not None else None,
             gate=None if gu is not None else ops.upload(mlp.gate), up=None if gu is not None else ops.upload(mlp.up),
-            wdown=ops.upload(mlp.down), act=2 if gemma else 1,
+            wdown=ops.upload(mlp.down), act=3 if is_bitnet else 2 if gemma else 1,
+            attn_sub_norm=vec(at.sub_norm) if is_bitnet else None,
+            ffn_sub_norm=vec(mlp.sub_norm) if is_bitnet else None,
             attn_norm=vec(blk.input_norm if gemma else blk.attn_norm),
             mlp_norm=vec(blk.pre_ff_norm if gemma else blk.mlp_norm),
             post_attn_norm=vec(blk.post_attn_norm) if gemma else None,
@@ -418,7 +437,8 @@ def random_llama(args, ops, kind: str = "int8", group: int = 32, seed: int = 0, 
             wo=random_weight(ops, kind, hid, H * d, s + 3, group=group), o_bias=None,
             gu=random_weight(ops, kind, 2 * inter, hid, s + 5, group=group), gate=None, up=None,
             wdown=random_weight(ops, kind, hid, inter, s + 7, group=group), act=1,
-            attn_norm=ones, mlp_norm=ones, post_attn_norm=None, post_ff_norm=None, g=0, i=i))
+            attn_norm=ones, mlp_norm=ones, post_attn_norm=None, post_ff_norm=None, g=0, i=i,
+            attn_sub_norm=None, ffn_sub_norm=None))
     kv = PagedKV([0] * a.num_hidden_layers, KV, d, a.max_position_embeddings, max_kv_bytes=max_kv_bytes)
     embed = random_weight(ops, kind, a.vocab_size, hid, seed + 11, std=1.0, group=group)
     head = random_weight(ops, kind, a.vocab_size, hid, seed + 13, group=group)

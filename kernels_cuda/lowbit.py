@@ -251,6 +251,20 @@ def _make_sparse24(int8):
 SPARSE24 = {True: _make_sparse24(True), False: _make_sparse24(False)}
 
 
+@cuda.jit(fastmath=True)
+def relu2_pairs_kernel(gu, out):
+    """out[t, j] = relu(gu[t, 2j]) ** 2 * gu[t, 2j + 1]: BitNet's MLP on interleaved (gate, up) rows."""
+    t = cuda.blockIdx.y
+    j = cuda.blockIdx.x * BLOCK + cuda.threadIdx.x
+    if j < out.shape[1]:
+        g = max(gu[t, 2 * j], np.float32(0.0))
+        out[t, j] = g * g * gu[t, 2 * j + 1]
+
+
+def relu2_pairs(gu, out):
+    go(relu2_pairs_kernel, (blocks(out.shape[1], BLOCK), out.shape[0]), BLOCK, 0, 0, (gu, out))
+
+
 # ------------------------------------------------------------------ kernels_numba-compatible names
 
 def _grid(rows, T):

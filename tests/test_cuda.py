@@ -467,3 +467,23 @@ def test_gemv_int8_activations_match_cpu_q8(kind, params):
         ops.act_quant = False
     check(out, ref[None], 1e-5, f"{kind} int8-activation GEMV vs ref")
     check(out, cpu, 1e-5, f"{kind} int8-activation GEMV vs CPU q8 kernel")
+
+
+@pytest.mark.parametrize("quant", [pytest.param("ternary", marks=[pytest.mark.slow] if SIM else [])])
+def test_bitnet_logits_gpu_equal_cpu(hf_dir_factory, quant):
+    """BitNet b1.58 (sub-norms, ReLU^2, ternary weights with int8 activations) on the GPU runner:
+    prefill and one-token steps equal the CPU backend (both quantize activations per token)."""
+    import edgerun
+    _, d = hf_dir_factory("BitNetForCausalLM", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                          num_key_value_heads=2)
+    m_cpu = convert_and_load(d, quant)
+    path = next(d.parent.glob(f"{d.name}-{quant}-*.edr"))
+    cpu, gpu = edgerun.load(path), edgerun.load(path, device="cuda")
+    del m_cpu
+    ids = [int(i) for i in rng.integers(2, 290, 7)]
+    check(gpu.forward(ids[:5]), cpu.forward(ids[:5]), 1e-3, "BitNet prefill logits")
+    sc, sg = cpu.new_state(), gpu.new_state()
+    cpu.step(sc, ids[:5])
+    gpu.step(sg, ids[:5])
+    for t in ids[5:]:
+        check(gpu.step(sg, [t]), cpu.step(sc, [t]), 1e-3, "BitNet decode logits")
