@@ -93,6 +93,9 @@ def main(argv=None):
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chars", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="+", metavar="WORD",
+                    help="measure only the kinds whose label contains one of these words (no peers); the "
+                         "rows replace their namesakes in --out")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "perplexity_kinds.json")
     a = ap.parse_args(argv)
     import edgerun
@@ -111,7 +114,8 @@ def main(argv=None):
         print(f"{label:55s} {ppl:10.3f}" + (f"  ({size:.0f} MiB)" if size else ""), flush=True)
 
     ids = None
-    for label, opts in KINDS:
+    kinds = [k for k in KINDS if not a.only or any(w in k[0] for w in a.only)]
+    for label, opts in kinds:
         out = work / ("smollm2-" + "-".join(f"{k}{v}" for k, v in opts.items()).replace("|", "_").replace(":", "")
                       + ".edr" if opts else "smollm2-source.edr")
         if not out.exists():
@@ -121,6 +125,12 @@ def main(argv=None):
         r = perplexity(m, text, ctx=a.ctx)
         ids = np.asarray(m.tokenizer.encode(text, add_bos=False))
         add(label, r["perplexity"], out.stat().st_size / 2**20, tokens=r["tokens"], seconds=time.perf_counter() - t0)
+    if a.only:
+        old = json.loads(a.out.read_text()) if a.out.exists() else {"rows": []}
+        new = {r["kind"] for r in rows}
+        merged = [r for r in old["rows"] if r["kind"] not in new] + rows
+        a.out.write_text(json.dumps({**old, "rows": merged}, indent=1))
+        return
     for q in ("Q8_0", "Q4_0"):
         g = HERE / "results" / f"smollm2-135m.{q}.gguf"
         if g.exists():
