@@ -269,16 +269,30 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
     D = down.shape[0]
     if nt == 1:                                   # decode: one token, no wasted lanes
         xt, ot, ht = x[t0], out[t0], h[0]
-        for d in range(D):
+        for d in range(0, D - D % 2, 2):
+            da, db = down[d], down[d + 1]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            for c in range(da.shape[0]):
+                s0 += xt[c] * _wf(da[c])
+                s1 += xt[c] * _wf(db[c])
+            ht[d], ht[d + 1] = s0, s1
+        for d in range(D - D % 2, D):
             dd = down[d]
-            acc = np.float32(0.0)
+            s0 = np.float32(0.0)
             for c in range(dd.shape[0]):
-                acc += xt[c] * _wf(dd[c])
-            ht[d] = acc
+                s0 += xt[c] * _wf(dd[c])
+            ht[d] = s0
         _lora_act(h, 1, act)
         for c in range(ot.shape[0]):
             ot[c] = 0.0
-        for d in range(D):
+        D4 = D - D % 4
+        for d in range(0, D4, 4):
+            ua, ub, uc, ud = up_t[d], up_t[d + 1], up_t[d + 2], up_t[d + 3]
+            h0, h1, h2, h3 = ht[d], ht[d + 1], ht[d + 2], ht[d + 3]
+            for c in range(ua.shape[0]):
+                ot[c] += h0 * _wf(ua[c]) + h1 * _wf(ub[c]) + h2 * _wf(uc[c]) + h3 * _wf(ud[c])
+        for d in range(D4, D):
             ud, hd = up_t[d], ht[d]
             for c in range(ud.shape[0]):
                 ot[c] += hd * _wf(ud[c])
