@@ -25,7 +25,7 @@ from numba import cuda
 
 from ._common import F32, SIM, U32, bits_to_f32, block_sum, device
 
-SAMPLE_THREADS = 64 if SIM else 1024
+SAMPLE_THREADS = 64 if SIM else 512          # 512: the kernel takes up to 128 registers a thread
 _NEG = np.float32(-np.inf)
 I32 = np.dtype(np.int32) if SIM else numba.int32
 
