@@ -13,8 +13,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import FASTMATH, JIT, as_float, half_to_float
-from .simd import (BLOCK, dot_half_row, dot_int4_row, dot_int4_row4, dot_int4_row_quad, dot_int8_row, dot_int8_row4,
-                   quad_order, quantize_act)
+from .simd import (BLOCK, dot_half_row, dot_int4_row, dot_int4_row4_quad, dot_int4_row_quad,
+                   dot_int8_row, dot_int8_row4, quad_order, quantize_act)
 
 ROW_BLOCK = 16
 
@@ -247,13 +247,22 @@ def gemm_int4_q8(x, qs, scales, mins, group, out):
             out[0, r] = dot_int4_row(qs[r], scales[r], mins[r] if has_mins else scales[r], has_mins, xq, xs, xsum, group)
         return
     xq, xs, xsum = _quantized_rows(x)
-    T4 = T - T % 4 if group == BLOCK else 0
+    if group == BLOCK:                    # prefill: each row, unpacked once, meets 4 tokens at a time
+        xo = np.empty_like(xq)
+        for t in range(T):
+            quad_order(xq[t], xo[t])
+        T4 = T - T % 4
+        for r in prange(qs.shape[0]):
+            m = mins[r] if has_mins else scales[r]
+            for t in range(0, T4, 4):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_int4_row4_quad(
+                    qs[r], scales[r], m, has_mins, xo, xs, xsum, t)
+            for t in range(T4, T):
+                out[t, r] = dot_int4_row_quad(qs[r], scales[r], m, has_mins, xo[t], xs[t], xsum[t])
+        return
     for r in prange(qs.shape[0]):
         m = mins[r] if has_mins else scales[r]
-        for t in range(0, T4, 4):
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_int4_row4(qs[r], scales[r], m, has_mins,
-                                                                                   xq, xs, xsum, t)
-        for t in range(T4, T):
+        for t in range(T):
             out[t, r] = dot_int4_row(qs[r], scales[r], m, has_mins, xq[t], xs[t], xsum[t], group)
 
 

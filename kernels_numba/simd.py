@@ -386,59 +386,67 @@ def _int4_g32_wide(builder, qa, wa, ca, cf, half, nb, tok):
     return builder.fadd(_tree_sum(builder, v), tail.acc.total())
 
 
-def _int4_g32_quad(builder, qa, wa, ca, cf, half, nb, tok):
-    """Int4 rows with groups of 32 against activations in quad order (quad_order): per 4 blocks,
-    the 64 nibble bytes' low nibbles are elements 0-15 of blocks 0..3 and the high nibbles elements
-    16-31, which is how the activations are laid out, so the unpacked nibbles meet their
-    activations without a shuffle, and one convert + fma serves 4 blocks (4 int32 lanes each) —
-    1.4x the throughput of _int4_g32_wide (measured 26 -> 36 GB/s of int4 a thread, in cache).
-    Blocks past the last whole 8 (in natural order there): _int4_g32."""
+def _int4_g32_quad(builder, qa, wa, ca, cf, half, nb, toks):
+    """Int4 rows with groups of 32 against activations in quad order (quad_order), for one or
+    more tokens (each row step unpacked once for all of them) -> one float total per token.
+    Per 4 blocks, the 64 nibble bytes' low nibbles are elements 0-15 of blocks 0..3 and the high
+    nibbles elements 16-31, which is how the activations are laid out, so the unpacked nibbles meet
+    their activations without a shuffle, and one convert + fma serves 4 blocks (4 int32 lanes
+    each): 1.4x the throughput of _int4_g32_wide (measured 26 -> 36 GB/s of int4 a thread, in
+    cache). Blocks past the last whole 8 (in natural order there): _int4_g32."""
     eight = ir.Constant(_i64, 8)
     ntiles = builder.sdiv(nb, eight)
     vty, dty, fty = (_v64i8, _v16i32, _v16f32) if WIDE else (_v32i8, _v8i32, _v8f32)
     per = 4 if WIDE else 2                      # blocks per step
     nbytes = 16 * per
-    acc = [cgutils.alloca_once_value(builder, ir.Constant(fty, None)) for _ in range(2)]
-    corr = cgutils.alloca_once_value(builder, ir.Constant(_v8f32, None))
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(fty, None)) for _ in range(2)] for _ in toks]
+    corrs = [cgutils.alloca_once_value(builder, ir.Constant(_v8f32, None)) for _ in toks]
     with cgutils.for_range(builder, ntiles) as t:
         b0 = builder.mul(t.index, eight)
-        sv = builder.fmul(_scales8(builder, wa, b0, half), _scales8(builder, tok.xs, b0, False))
+        w8 = _scales8(builder, wa, b0, half)
         c8 = builder.fmul(_splat_f(builder, cf), _scales8(builder, ca, b0, half))
-        builder.store(_intr(builder, "llvm.fma.v8f32", _v8f32,
-                            [c8, _scales8(builder, tok.xsum, b0, False), builder.load(corr)]), corr)
+        svs = []
+        for tok, corr in zip(toks, corrs):
+            svs.append(builder.fmul(w8, _scales8(builder, tok.xs, b0, False)))
+            builder.store(_intr(builder, "llvm.fma.v8f32", _v8f32,
+                                [c8, _scales8(builder, tok.xsum, b0, False), builder.load(corr)]), corr)
         for p in range(8 // per):
             b = builder.add(b0, ir.Constant(_i64, per * p))
             v = _load(builder, qa, builder.mul(b, ir.Constant(_i64, 16)), vty)
             lo = builder.and_(v, _splat(vty, 15))
             hi = builder.and_(builder.lshr(v, _splat(vty, 4)), _splat(vty, 15))
-            xo = builder.add(tok.xq, builder.mul(b, ir.Constant(_i64, BLOCK)))
-            xlo = _load(builder, xo, ir.Constant(_i64, 0), vty)
-            xhi = _load(builder, xo, ir.Constant(_i64, nbytes), vty)
-            if WIDE:
-                d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
-                          [ir.Constant(dty, None), builder.bitcast(lo, dty), builder.bitcast(xlo, dty)])
-                d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
-                          [d, builder.bitcast(hi, dty), builder.bitcast(xhi, dty)])
-            else:
-                d = builder.add(_byte_dot(builder, lo, xlo, False), _byte_dot(builder, hi, xhi, False))
             idx = sum(([per * p + k] * 4 for k in range(per)), [])
-            s = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
-            a = acc[p % 2]
-            builder.store(_intr(builder, f"llvm.fma.v{fty.count}f32", fty,
-                                [builder.sitofp(d, fty), s, builder.load(a)]), a)
+            for tok, sv, acc in zip(toks, svs, accs):
+                xo = builder.add(tok.xq, builder.mul(b, ir.Constant(_i64, BLOCK)))
+                xlo = _load(builder, xo, ir.Constant(_i64, 0), vty)
+                xhi = _load(builder, xo, ir.Constant(_i64, nbytes), vty)
+                if WIDE:
+                    d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
+                              [ir.Constant(dty, None), builder.bitcast(lo, dty), builder.bitcast(xlo, dty)])
+                    d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
+                              [d, builder.bitcast(hi, dty), builder.bitcast(xhi, dty)])
+                else:
+                    d = builder.add(_byte_dot(builder, lo, xlo, False), _byte_dot(builder, hi, xhi, False))
+                s = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
+                a = acc[p % 2]
+                builder.store(_intr(builder, f"llvm.fma.v{fty.count}f32", fty,
+                                    [builder.sitofp(d, fty), s, builder.load(a)]), a)
     done = builder.mul(ntiles, eight)
 
     def at(base, size):
         return builder.add(base, builder.mul(done, ir.Constant(_i64, size)))
 
-    tail = _Tok(builder, at(tok.xq, BLOCK), at(tok.xs, 4), at(tok.xsum, 4))
+    tails = [_Tok(builder, at(tok.xq, BLOCK), at(tok.xs, 4), at(tok.xsum, 4)) for tok in toks]
     _int4_g32(builder, at(qa, 16), at(wa, 2 if half else 4), at(ca, 2 if half else 4), cf, half,
-              builder.sub(nb, done), [tail])
-    v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
-    if WIDE:
-        v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8)))),
-                         builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8, 16)))))
-    return builder.fadd(_tree_sum(builder, builder.fadd(v, builder.load(corr))), tail.acc.total())
+              builder.sub(nb, done), tails)
+    totals = []
+    for acc, corr, tail in zip(accs, corrs, tails):
+        v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
+        if WIDE:
+            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8)))),
+                             builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8, 16)))))
+        totals.append(builder.fadd(_tree_sum(builder, builder.fadd(v, builder.load(corr))), tail.acc.total()))
+    return totals
 
 
 @njit(**JIT)
@@ -479,7 +487,27 @@ def dot_int4_row_quad(typingctx, qs, w, m, has_mins, xq, xs, xsum):
         qa, wa, ca, cf = _int4_args(context, builder, sig_, args)
         n = builder.extract_value(context.make_array(sig_.args[4])(context, builder, args[4]).shape, 0)
         tok = _Tok(builder, *(_addr(context, builder, t, a) for t, a in zip(sig_.args[4:7], args[4:7])))
-        return _int4_g32_quad(builder, qa, wa, ca, cf, half, builder.sdiv(n, ir.Constant(_i64, BLOCK)), tok)
+        return _int4_g32_quad(builder, qa, wa, ca, cf, half, builder.sdiv(n, ir.Constant(_i64, BLOCK)), [tok])[0]
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_int4_row4_quad(typingctx, qs, w, m, has_mins, xq, xs, xsum, t0):
+    """dot_int4_row_quad for the 4 tokens t0..t0+3 of 2-D activations (rows of xq in quad order):
+    each row step is loaded and unpacked once for the four (prefill)."""
+    if not (_contiguous(qs, w, m) and _rows_contiguous(xq, xs, xsum)):
+        return None
+    _check_int4_types(w, m)
+    sig = types.UniTuple(types.float32, 4)(qs, w, m, has_mins, xq, xs, xsum, t0)
+    half = _is_half(w)
+
+    def codegen(context, builder, sig_, args):
+        qa, wa, ca, cf = _int4_args(context, builder, sig_, args)
+        n = builder.extract_value(context.make_array(sig_.args[4])(context, builder, args[4]).shape, 1)
+        toks = _toks(context, builder, sig_, args, 4, context.cast(builder, args[7], sig_.args[7], types.int64), 4)
+        totals = _int4_g32_quad(builder, qa, wa, ca, cf, half, builder.sdiv(n, ir.Constant(_i64, BLOCK)), toks)
+        return context.make_tuple(builder, sig_.return_type, totals)
 
     return sig, codegen
 
@@ -539,27 +567,6 @@ def dot_int4_row(typingctx, qs, w, m, has_mins, xq, xs, xsum, group):
                             acc.add(k, d, builder.fmul(wg, _scale(builder, xsa, b, False)))
                             acc.add_corr(cg, _scale(builder, xsuma, b, False))
         return acc.total()
-
-    return sig, codegen
-
-
-@intrinsic
-def dot_int4_row4(typingctx, qs, w, m, has_mins, xq, xs, xsum, t0):
-    """dot_int4_row with groups of 32 for the 4 tokens t0..t0+3 of 2-D activations xq (T, n),
-    xs, xsum (T, n // 32): each 16-byte group is loaded and unpacked once for all four (prefill)."""
-    if not (_contiguous(qs, w, m) and _rows_contiguous(xq, xs, xsum)):
-        return None
-    _check_int4_types(w, m)
-    sig = types.UniTuple(types.float32, 4)(qs, w, m, has_mins, xq, xs, xsum, t0)
-    half = _is_half(w)
-
-    def codegen(context, builder, sig_, args):
-        qa, wa, ca, cf = _int4_args(context, builder, sig_, args)
-        n = builder.extract_value(context.make_array(sig_.args[4])(context, builder, args[4]).shape, 1)
-        nb = builder.sdiv(n, ir.Constant(_i64, BLOCK))
-        toks = _toks(context, builder, sig_, args, 4, context.cast(builder, args[7], sig_.args[7], types.int64), 4)
-        _int4_g32(builder, qa, wa, ca, cf, half, nb, toks)
-        return context.make_tuple(builder, sig_.return_type, [tok.acc.total() for tok in toks])
 
     return sig, codegen
 
