@@ -3,11 +3,11 @@
 Same op names and signatures as kernels_numba/linear.py (``gemm_int8(x, q, scales, group, out)``…),
 with device arrays. Two kernels stand behind each name:
 
-- T == 1 (decode): a GEMV, memory-bound: the weights are read once, 16 bytes a load (PTX
-  ``ld.global.nc.v4`` through an inline-asm intrinsic, numba has no vector loads), 8 loads in
-  flight per lane before any arithmetic. A warp owns 4 output rows; KS warps of a block split a
-  row's inputs (chosen per shape so that every SM gets many warps), partial sums meet through
-  warp shuffles and one shared-memory step. x is read with 16-byte loads too (L1 serves the
+- T == 1 (decode): a GEMV: the weights are read once, 16 bytes a load (PTX
+  ``ld.global.nc.v4`` through an inline-asm intrinsic, numba has no vector loads). A warp owns 4
+  output rows and loads the next 16-byte chunk of each while it computes this one; KS warps of a
+  block split a row's inputs only where the grid would not fill the GPU otherwise; partial sums
+  meet through warp shuffles and one shared-memory step. x is read with 16-byte loads too (L1 serves the
   other warps); the RMS norm is fused without a pass of its own: y = W (x * w_norm) / rms(x).
   Weight bytes become exact floats by bit operations, no int-to-float conversion: a byte u
   (int8 + 128) moved to mantissa bits 15..22 of 1.0 is 1 + u/256, a nibble q at bits 19..22 is
@@ -15,6 +15,9 @@ with device arrays. Two kernels stand behind each name:
   The epilogue adds a bias or the residual, or applies silu / gelu_tanh to (gate, up) row pairs.
 - T > 1 (prefill), or a shape the GEMV does not take: a tiled GEMM, 64 rows x 32 tokens per
   block, each weight tile dequantised once into shared memory and used by every token.
+
+With int8 activations (``quantize_act_kernel`` + ``_gemv_q8_kernel``, the backend's act_quant) x is
+quantized per block of 32 as kernels_numba/simd.py does and the dot products run on dp4a.
 
 Device layouts (edgerun/backend_cuda.py uploads them): int8 q (rows, in) int8 plus its uint32
 view (rows, in/4); int4 qs (rows, in/2) uint8 plus its uint32 view (rows, in/8), low nibble
