@@ -275,14 +275,14 @@ def long(a):
             del warm
             st = m.new_state()
             logits = m.step(st, [0, 17, 250, 3], last_only=True)
-            times, rss, seen = np.empty(a.tokens), {}, set()
+            times, cpu, rss, seen = np.empty(a.tokens), np.empty(a.tokens), {}, set()
             marks = {100, 1000, a.tokens}
             for i in range(1, a.tokens + 1):
                 tok = int(np.argmax(logits[-1]))
                 seen.add(tok)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 logits = m.step(st, [tok], last_only=True)
-                times[i - 1] = time.perf_counter() - t0
+                times[i - 1], cpu[i - 1] = time.perf_counter() - t0, time.process_time() - c0
                 if i in marks:
                     rss[i] = rss_mb()
             first, last = times[:1000].mean(), times[-1000:].mean()
@@ -294,6 +294,9 @@ def long(a):
                    "rss_anon_growth_mb_100_to_end": round(rss[a.tokens][1] - rss[100][1], 3),
                    "first_1000_ms": round(first * 1e3, 3), "last_1000_ms": round(last * 1e3, 3),
                    "last_vs_first": round(last / first, 4),
+                   "first_1000_cpu_ms": round(cpu[:1000].mean() * 1e3, 3),
+                   "last_1000_cpu_ms": round(cpu[-1000:].mean() * 1e3, 3),
+                   "last_vs_first_cpu": round(cpu[-1000:].mean() / cpu[:1000].mean(), 4),
                    "finite": bool(np.isfinite(logits).all())}
             print(json.dumps(row), flush=True)
 
