@@ -417,7 +417,7 @@ def _ssd_group_chunk(xbc, G, g, c0, Lc, Cg, Bt, cb):
         Bl = xbc[c0 + l, d_inner + g * N:d_inner + (g + 1) * N]
         for n in range(N):
             Bt[n, l] = Bl[n]
-    _gemm(cb, Cg, Bt, Lc, N, 0.0)                             # only its lower triangle is read
+    _gemm(cb, Cg, Bt, Lc, N, _ZERO)                           # only its lower triangle is read
 
 
 @njit(fastmath=FASTMATH, **JIT)
@@ -452,7 +452,7 @@ def _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, 
             Ml, cbl = M[l], cb[l]
             for s in range(l + 1):
                 Ml[s] = cbl[s] * fast_exp(np.float32(cum[l] - cum[s])) * dtc[s]
-        _gemm(Y, Cs[g, c], hT, Lc, N, 0.0)                        # C h^T
+        _gemm(Y, Cs[g, c], hT, Lc, N, _ZERO)                      # C h^T
         for l in range(Lc):
             el = fast_exp(np.float32(cum[l]))
             Xl, Yl = X[l], Y[l]
@@ -461,7 +461,7 @@ def _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, 
         # this chunk's own tokens: rows in blocks of 4 need M up to the block's last row (zeros above)
         for l0 in range(0, Lc, 4):
             m = min(4, Lc - l0)
-            _gemm(Y[l0:], M[l0:], X, m, l0 + m, 1.0)
+            _gemm(Y[l0:], M[l0:], X, m, l0 + m, _ONE)
         for l in range(Lc):
             src, yl = Y[l], out[c0 + l, hh * P:(hh + 1) * P]
             for p in range(P):
@@ -476,6 +476,25 @@ def _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, 
     _transpose(hT, h[hh])
 
 
+_ZERO, _ONE = np.float32(0.0), np.float32(1.0)      # one float32 alpha type: _gemm compiles once
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def _ssd_shared(xbc, G, N, L):
+    """Per group and chunk, shared by the group's heads: C (L, N), B^T (N, L) and C B^T (L, L).
+    Serial (a few % of the SSD's work) and outside ssd_chunked, where parallel=True would make each
+    np.zeros and loop a parallel region of its own to compile (cold compile 18 -> 7 s)."""
+    T = xbc.shape[0]
+    nch = (T + L - 1) // L
+    Cs = np.zeros((G, nch, L, N), np.float32)
+    BT = np.zeros((G, nch, N, L), np.float32)
+    CB = np.zeros((G, nch, L, L), np.float32)
+    for g in range(G):
+        for c in range(nch):
+            _ssd_group_chunk(xbc, G, g, c * L, min(L, T - c * L), Cs[g, c], BT[g, c], CB[g, c])
+    return Cs, BT, CB
+
+
 @njit(parallel=True, **JIT)
 def ssd_chunked(xbc, dt, A, D, dt_bias, h, G, chunk, dt_min, dt_max, out):
     """The SSD algorithm over T tokens in chunks of ``chunk`` (same arguments as ssd_step, T tokens).
@@ -486,22 +505,15 @@ def ssd_chunked(xbc, dt, A, D, dt_bias, h, G, chunk, dt_min, dt_max, out):
         h = exp(cum_L) h + ((exp(cum_L - cum) * dt) X)^T B             (P, N)
 
     three small GEMMs (``_gemm``, register tiles); the state is kept transposed (N, P) while a
-    head runs through its chunks. Groups x chunks, then heads, run in parallel; the loop bodies are
-    functions of their own (a small parfor body compiles in half the time); nothing is allocated
-    per chunk."""
+    head runs through its chunks. Heads run in parallel, each through a function of its own (a
+    small parallel region compiles much faster); nothing is allocated per chunk."""
     T = xbc.shape[0]
     H, P, N = h.shape
     L = min(chunk, T)
     nch = (T + L - 1) // L
-    # per group and chunk, shared by the group's heads: C (L, N), B^T (N, L) and C B^T (L, L)
-    Cs = np.zeros((G, nch, L, N), np.float32)
-    BT = np.zeros((G, nch, N, L), np.float32)
-    CB = np.zeros((G, nch, L, L), np.float32)
-    for gc in prange(G * nch):
-        g, c = gc // nch, gc % nch
-        _ssd_group_chunk(xbc, G, g, c * L, min(L, T - c * L), Cs[g, c], BT[g, c], CB[g, c])
+    Cs, BT, CB = _ssd_shared(xbc, G, N, L)
     for hh in prange(H):
-        _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, hh, Cs, BT, CB)
+        _ssd_head(xbc, dt, A, D, dt_bias, h, G, L, dt_min, dt_max, out, np.int64(hh), Cs, BT, CB)
 
 
 @njit(inline="always", fastmath=FASTMATH)
