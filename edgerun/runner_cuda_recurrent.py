@@ -33,28 +33,25 @@ class DeviceState(RecurrentState):
     rollback work as on the host (fork and checkpoints copy on the device)."""
 
     def __init__(self, spec: dict, n_layers: int, ops, model_hash: str = ""):
-        self.spec = {k: tuple(v) for k, v in spec.items()}
-        self.n_layers, self.model_hash, self.length = n_layers, model_hash, 0
         self.ops = ops
-        self.arrays = {k: ops.zeros((n_layers, *v)) for k, v in self.spec.items()}
-        self._ring, self._ring_pos, self._next = [], [], 0
+        super().__init__(spec, n_layers, model_hash)
+
+    def _zeros(self, shape):
+        return self.ops.zeros(shape)
+
+    def _blank(self) -> "DeviceState":
+        return DeviceState(self.spec, self.n_layers, self.ops, self.model_hash)
+
+    @staticmethod
+    def _copy(dst, src) -> None:
+        dst.copy_to_device(src)
+
+    def _fill0(self, a) -> None:
+        self.ops._ops.zero(a)
 
     @property
     def nbytes(self) -> int:
         return sum(int(a.size) * 4 for a in self.arrays.values())
-
-    def reset(self) -> None:
-        for a in self.arrays.values():
-            self.ops._ops.zero(a)
-        self.length = 0
-        self._ring_pos = [-1] * len(self._ring)
-
-    def fork(self) -> "DeviceState":
-        other = DeviceState(self.spec, self.n_layers, self.ops, self.model_hash)
-        other.length = self.length
-        for k, a in self.arrays.items():
-            other.arrays[k].copy_to_device(a)
-        return other
 
     def to_host(self) -> RecurrentState:
         h = RecurrentState(self.spec, self.n_layers, self.model_hash)
@@ -73,33 +70,6 @@ class DeviceState(RecurrentState):
             a.copy_to_device(np.ascontiguousarray(h.arrays[k]))
         self.length = h.length
         self._ring_pos = [-1] * len(self._ring)
-
-    def keep_checkpoints(self, k: int) -> None:
-        self._ring = [{n: self.ops.empty(a.shape) for n, a in self.arrays.items()} for _ in range(k)]
-        self._ring_pos = [-1] * k
-        self._next = 0
-        if k:
-            self.checkpoint()
-
-    def checkpoint(self) -> None:
-        if not self._ring:
-            return
-        slot = self._ring[self._next]
-        for n, a in self.arrays.items():
-            slot[n].copy_to_device(a)
-        self._ring_pos[self._next] = self.length
-        self._next = (self._next + 1) % len(self._ring)
-
-    def rollback(self, n: int) -> None:
-        target = self.length - n
-        if n < 0 or target < 0 or target not in self._ring_pos:
-            raise InputError(f"cannot roll back {n} tokens from position {self.length}: "
-                             f"checkpoints are at {self.checkpoints or 'none (call keep_checkpoints(k))'}")
-        slot = self._ring[self._ring_pos.index(target)]
-        for name, a in self.arrays.items():
-            a.copy_to_device(slot[name])
-        self.length = target
-        self._ring_pos = [p if p <= target else -1 for p in self._ring_pos]
 
 
 # ------------------------------------------------------------------ shared runner machinery

@@ -28,10 +28,26 @@ class RecurrentState:
         self.n_layers = n_layers
         self.model_hash = model_hash
         self.length = 0
-        self.arrays = {k: np.zeros((n_layers, *v), np.float32) for k, v in self.spec.items()}
+        self.arrays = {k: self._zeros((n_layers, *v)) for k, v in self.spec.items()}
         self._ring: list[dict[str, np.ndarray]] = []
         self._ring_pos: list[int] = []           # the length each ring slot was taken at, -1 if empty
         self._next = 0
+
+    # ---- where the arrays live: host memory here; a device state overrides these four
+    def _zeros(self, shape):
+        return np.zeros(shape, np.float32)
+
+    def _blank(self) -> "RecurrentState":
+        """A zeroed state of the same kind and shapes."""
+        return RecurrentState(self.spec, self.n_layers, self.model_hash)
+
+    @staticmethod
+    def _copy(dst, src) -> None:
+        dst[...] = src
+
+    @staticmethod
+    def _fill0(a) -> None:
+        a.fill(0)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -42,16 +58,16 @@ class RecurrentState:
 
     def reset(self) -> None:
         for a in self.arrays.values():
-            a.fill(0)
+            self._fill0(a)
         self.length = 0
         self._ring_pos = [-1] * len(self._ring)
 
     # ---- fork, save, restore
     def fork(self) -> "RecurrentState":
-        other = RecurrentState(self.spec, self.n_layers, self.model_hash)
+        other = self._blank()
         other.length = self.length
         for k, a in self.arrays.items():
-            other.arrays[k][...] = a
+            self._copy(other.arrays[k], a)
         return other
 
     def save(self, path: str | os.PathLike) -> None:
@@ -98,7 +114,7 @@ class RecurrentState:
     # ---- checkpoints and rollback
     def keep_checkpoints(self, k: int) -> None:
         """Snapshot after every model step, keeping the last k (memory: k copies of the state)."""
-        self._ring = [{n: np.empty_like(a) for n, a in self.arrays.items()} for _ in range(k)]
+        self._ring = [{n: self._zeros(a.shape) for n, a in self.arrays.items()} for _ in range(k)]
         self._ring_pos = [-1] * k
         self._next = 0
         if k:
@@ -110,7 +126,7 @@ class RecurrentState:
             return
         slot = self._ring[self._next]
         for n, a in self.arrays.items():
-            slot[n][...] = a
+            self._copy(slot[n], a)
         self._ring_pos[self._next] = self.length
         self._next = (self._next + 1) % len(self._ring)
 
@@ -126,7 +142,7 @@ class RecurrentState:
                              f"checkpoints are at {self.checkpoints or 'none (call keep_checkpoints(k))'}")
         slot = self._ring[self._ring_pos.index(target)]
         for name, a in self.arrays.items():
-            a[...] = slot[name]
+            self._copy(a, slot[name])
         self.length = target
         # snapshots taken after the target describe a future that no longer exists
         self._ring_pos = [p if p <= target else -1 for p in self._ring_pos]
