@@ -79,9 +79,10 @@ class CPUBackend:
         if any(m is None for m in mats) or hidden % BLOCK or nq % BLOCK or inter % BLOCK:
             return None
         per_token = any(isinstance(m, (fused.TernaryRows, fused.Sparse24Rows)) for m in mats)
+        quad = any(isinstance(m, fused.Int4G32Rows) for m in mats)
 
         def act(n):
-            return fused.activations(n, per_token)
+            return fused.activations(n, per_token, quad)
 
         e = np.zeros(0, np.float32)
         positions = np.zeros(1, np.int64)

@@ -153,22 +153,25 @@ def _row_dot(w_, row_, x_, a_):
 
 @njit(fastmath=FASTMATH, **JIT)
 def quantize_both(x, a):
-    """x (n,) -> a's quantized forms: per block of 32 always; per token (and in code order) only
-    when the layer has ternary or 2:4 rows (a[6] not empty)."""
+    """x (n,) -> a's quantized forms: per block of 32 always; in quad order when the layer has
+    int4 g32 rows (a[7] not empty); per token (and in code order) only when it has ternary or 2:4
+    rows (a[6] not empty)."""
     quantize_act(x, a[0], a[1], a[2])
-    quad_order(a[0], a[7])
+    if a[7].shape[0]:
+        quad_order(a[0], a[7])
     if a[6].shape[1]:
         quantize_rows_int8(x.reshape((1, x.shape[0])), a[3], a[4], a[5])
         _to_planes(a[3][0], a[6])
 
 
-def activations(n: int, per_token: bool):
-    """Scratch for quantize_both of an n-vector; per_token: the layer has ternary or 2:4 rows."""
+def activations(n: int, per_token: bool, quad: bool):
+    """Scratch for quantize_both of an n-vector; per_token: the layer has ternary or 2:4 rows;
+    quad: int4 rows with groups of 32 (activations also in quad order)."""
     nb = n // BLOCK
     npad = -(-n // TB) * TB if per_token else 0
     return (np.empty(n, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32),
             np.zeros((1, npad), np.int8), np.empty(1, np.float32), np.empty(1, np.int32),
-            np.empty((4, npad // 4), np.int8), np.empty(n, np.int8))
+            np.empty((4, npad // 4), np.int8), np.empty(n if quad else 0, np.int8))
 
 
 @njit(inline="always", fastmath=FASTMATH)
