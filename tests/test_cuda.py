@@ -9,39 +9,19 @@ would take minutes over) run only there: ``pytest tests/test_cuda.py -m "gpu or 
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-
-def _cuda_driver_present() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
-if "numba.cuda" not in sys.modules and not _cuda_driver_present():
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-
-pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (pip install 'edgerun[cuda]')")
-try:
-    from numba import cuda
-    from numba.cuda.core import config as cuda_config
-except Exception as e:      # numba-cuda 0.30 does not import with numpy >= 2.5 (np.row_stack is gone)
-    pytest.skip(f"numba-cuda does not import here: {type(e).__name__}: {e}", allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_setup import SIM, _cuda_driver_present, cuda  # noqa: E402,F401  (sets up the simulator, or skips)
 
 from edgerun.packed import CODECS  # noqa: E402
 from edgerun.kernels_numba import linear as cpu_lin, ops as cpu_ops, paged_attention as cpu_attn  # noqa: E402
-
-SIM = bool(cuda_config.ENABLE_CUDASIM)
-if not SIM and not cuda.is_available():
-    pytest.skip("a CUDA driver is present but no usable GPU", allow_module_level=True)
 
 from edgerun.kernels_cuda import linear as glin, ops as gops, paged_attention as gattn  # noqa: E402
 
