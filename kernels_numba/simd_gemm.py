@@ -1,0 +1,360 @@
+"""Register-tiled prefill GEMM for int8 / int4 weights against int8 activations (AVX512-VNNI).
+
+Why: the row kernels of simd.py give one weight row x a few tokens per call, and every 32-block
+of every (row, token) pair costs a vpdpbusd whose 8 int32 lanes all belong to that pair, then a
+convert and an fma: ~5 instructions per 32 multiply-adds, a quarter of vpdpbusd's peak.
+
+Here the 16 lanes of a vector are 16 weight rows (one output each), as in llama.cpp's repacked
+Q8_0x16 kernels: a panel of 16 rows is transposed once per call into a scratch buffer whose
+dword k holds bytes 4k..4k+3 of each of the 16 rows (``pack_panel_*``), and the micro-kernel
+(``tile_*``) takes NT tokens at a time: per 4 inputs, one 64-byte panel load and NT vpdpbusd with
+the token's 4 activation bytes broadcast from memory; per block of 32 inputs, one convert and one
+fma per token for 16 rows. That is 8 vpdpbusd per ~3 other instructions, instead of 1 per 4.
+
+Unsigned x signed: vpdpbusd multiplies unsigned bytes (the panel) by signed ones (the broadcast
+activations), so int8 weights are stored as q + 128 (q ^ 0x80) and int4 ones as their nibbles
+u = 0..15; the int32 accumulator of block b starts at ``ioff[t, b] = -c * sum(xq[t, b])``
+(c = 128 for int8, 8 for symmetric int4, 0 with mins), which takes the offset off exactly in
+integers. Int4 with mins adds ``m[r, b] * xsum[t, b]`` per block.
+
+The weight file keeps its layout (edgerun/packed.py); the transposed panel is scratch, 16 bytes a
+weight column, rebuilt on each call and reused by all T tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._common import JIT, as_float
+from .simd import BLOCK, WIDE, _addr, _i32, _i64, _intr, _load, _splat, quantize_act
+
+LANES = 16          # weight rows per panel (int32 lanes of a 512-bit vector)
+NT = 8              # tokens per micro-kernel call
+TILED = WIDE        # the tiled path needs 512-bit VNNI; other CPUs keep simd.py's row kernels
+
+_f32 = ir.FloatType()
+_i8 = ir.IntType(8)
+_v16i32, _v16f32 = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
+_v64i8, _v32i8 = ir.VectorType(_i8, 64), ir.VectorType(_i8, 32)
+
+
+def _array(context, builder, ty, val):
+    return context.make_array(ty)(context, builder, val)
+
+
+def _stride0(context, builder, ty, val):
+    return builder.extract_value(_array(context, builder, ty, val).strides, 0)
+
+
+def _store(builder, base, offset, value):
+    ptr = builder.inttoptr(builder.add(base, offset), value.type.as_pointer())
+    st = builder.store(value, ptr)
+    st.align = 1
+    return st
+
+
+# ------------------------------------------------------------------ panel: 16 rows transposed
+
+def _transpose16(builder, rows):
+    """16 vectors of 16 dwords (row i = rows[i]) -> their transpose, by swapping off-diagonal
+    blocks of 8, 4, 2 and 1 dwords (64 two-source shuffles)."""
+    v = list(rows)
+    m = 8
+    while m:
+        lo_mask = [c if not c & m else 16 + c - m for c in range(16)]
+        hi_mask = [c + m if not c & m else 16 + c for c in range(16)]
+        for i in range(16):
+            if i & m:
+                continue
+            a, b = v[i], v[i + m]
+            v[i] = builder.shuffle_vector(a, b, ir.Constant(_v16i32, lo_mask))
+            v[i + m] = builder.shuffle_vector(a, b, ir.Constant(_v16i32, hi_mask))
+        m //= 2
+    return v
+
+
+def _panel_codegen(int4):
+    def codegen(context, builder, sig_, args):
+        qty, dty = sig_.args[0], sig_.args[2]
+        qa = _addr(context, builder, qty, args[0])
+        stride = _stride0(context, builder, qty, args[0])
+        r0 = context.cast(builder, args[1], sig_.args[1], types.int64)
+        da = _addr(context, builder, dty, args[2])
+        nsteps = context.cast(builder, args[3], sig_.args[3], types.int64)
+        base = builder.add(qa, builder.mul(r0, stride))
+        xor = _splat(_v64i8, -128)
+        order = ir.Constant(ir.VectorType(_i32, 64), list(range(16)) + list(range(32, 48))
+                            + list(range(16, 32)) + list(range(48, 64)))
+        with cgutils.for_range(builder, nsteps) as loop:
+            j = loop.index
+            rows = []
+            for i in range(LANES):
+                row = builder.add(base, builder.mul(ir.Constant(_i64, i), stride))
+                if int4:     # 32 bytes = 2 groups of 32 nibbles -> 64 bytes in input order
+                    v = _load(builder, row, builder.mul(j, ir.Constant(_i64, 32)), _v32i8)
+                    lo = builder.and_(v, _splat(_v32i8, 15))
+                    hi = builder.lshr(v, _splat(_v32i8, 4))
+                    v = builder.shuffle_vector(lo, hi, order)
+                else:
+                    v = builder.xor(_load(builder, row, builder.mul(j, ir.Constant(_i64, 64)), _v64i8), xor)
+                rows.append(builder.bitcast(v, _v16i32))
+            for k, col in enumerate(_transpose16(builder, rows)):
+                off = builder.mul(builder.add(builder.mul(j, ir.Constant(_i64, 16)), ir.Constant(_i64, k)),
+                                  ir.Constant(_i64, 64))
+                _store(builder, da, off, col)
+        return context.get_dummy_value()
+    return codegen
+
+
+@intrinsic
+def _panel_int8_simd(typingctx, q, r0, dst, nsteps):
+    """dst[(16 j + k) * 16 + i] = dword k of bytes 64 j.. of row r0 + i of q, xor 0x80 in each
+    byte, for j < nsteps (q: (rows, n) int8, C order; dst: uint32)."""
+    if not (isinstance(q, types.Array) and q.ndim == 2 and q.layout == "C"
+            and isinstance(dst, types.Array) and dst.layout == "C"):
+        return None
+    return types.void(q, r0, dst, nsteps), _panel_codegen(False)
+
+
+@intrinsic
+def _panel_int4_simd(typingctx, qs, r0, dst, nsteps):
+    """The same for int4 groups of 32 (qs: (rows, n // 2) uint8): step j unpacks packed bytes
+    32 j.. (two groups) of each row to 64 nibbles in input order."""
+    if not (isinstance(qs, types.Array) and qs.ndim == 2 and qs.layout == "C"
+            and isinstance(dst, types.Array) and dst.layout == "C"):
+        return None
+    return types.void(qs, r0, dst, nsteps), _panel_codegen(True)
+
+
+@njit(inline="always")
+def _dword(b0, b1, b2, b3):
+    return np.uint32(b0) | (np.uint32(b1) << 8) | (np.uint32(b2) << 16) | (np.uint32(b3) << 24)
+
+
+@njit(**JIT)
+def pack_panel_int8(q, r0, dst):
+    """Rows r0..r0+15 of int8 q (rows, n) -> dst (n // 4 * 16,) uint32, dword (k, i) = bytes
+    4k..4k+3 of row r0 + i, each + 128 (xor 0x80); rows past the end are zero."""
+    rows, n = q.shape
+    nr = min(LANES, rows - r0)
+    nsteps = n // 64 if nr == LANES else 0
+    _panel_int8_simd(q, r0, dst, nsteps)
+    for k in range(nsteps * 16, n // 4):
+        for i in range(LANES):
+            if i < nr:
+                qr = q[r0 + i, 4 * k:4 * k + 4]
+                dst[k * LANES + i] = _dword(np.uint8(qr[0]) ^ 128, np.uint8(qr[1]) ^ 128,
+                                            np.uint8(qr[2]) ^ 128, np.uint8(qr[3]) ^ 128)
+            else:
+                dst[k * LANES + i] = 0
+
+
+@njit(**JIT)
+def pack_panel_int4(qs, r0, dst):
+    """Rows r0..r0+15 of int4 groups of 32 (qs (rows, n // 2) uint8, Int4Weight layout) -> dst as
+    pack_panel_int8 (dword (k, i) = nibbles of inputs 4k..4k+3 of row r0 + i, as bytes)."""
+    rows = qs.shape[0]
+    n = qs.shape[1] * 2
+    nr = min(LANES, rows - r0)
+    nsteps = n // 64 if nr == LANES else 0
+    _panel_int4_simd(qs, r0, dst, nsteps)
+    for k in range(nsteps * 16, n // 4):
+        g = k // 8                      # group of 32 inputs
+        j = 4 * (k % 8)                 # first input of the dword within the group
+        for i in range(LANES):
+            if i < nr:
+                qg = qs[r0 + i, 16 * g:16 * g + 16]
+                if j < 16:
+                    dst[k * LANES + i] = _dword(qg[j] & 15, qg[j + 1] & 15, qg[j + 2] & 15, qg[j + 3] & 15)
+                else:
+                    dst[k * LANES + i] = _dword(qg[j - 16] >> 4, qg[j - 15] >> 4, qg[j - 14] >> 4, qg[j - 13] >> 4)
+            else:
+                dst[k * LANES + i] = 0
+
+
+@njit(**JIT)
+def pack_panel_scales(s, r0, dst):
+    """Rows r0..r0+15 of scales s (rows, nb) float32 or float16 bits -> dst (nb * 16,) float32,
+    element (b, i) = s[r0 + i, b]; rows past the end are zero."""
+    rows, nb = s.shape
+    nr = min(LANES, rows - r0)
+    for b in range(nb):
+        for i in range(LANES):
+            dst[b * LANES + i] = as_float(s[r0 + i, b]) if i < nr else np.float32(0.0)
+
+
+# ------------------------------------------------------------------ micro-kernel: 16 rows x NT tokens
+
+def _tile_codegen(nt, per_row, mins):
+    def codegen(context, builder, sig_, args):
+        (wp, ws, ms, xq, xs, ioff, xsum, t0, out) = args
+        tys = sig_.args
+        wpa, wsa, msa = (_addr(context, builder, tys[i], args[i]) for i in range(3))
+        t0 = context.cast(builder, t0, tys[7], types.int64)
+        n = builder.extract_value(_array(context, builder, tys[3], xq).shape, 1)
+        nb = builder.sdiv(n, ir.Constant(_i64, BLOCK))
+        toks = []
+        for k in range(nt):
+            row = builder.add(t0, ir.Constant(_i64, k))
+            toks.append([builder.add(_addr(context, builder, tys[i], args[i]),
+                                     builder.mul(row, _stride0(context, builder, tys[i], args[i])))
+                         for i in (3, 4, 5, 6)])
+        facc = [cgutils.alloca_once_value(builder, ir.Constant(_v16f32, None)) for _ in range(nt)]
+        zero = ir.Constant(_i64, 0)
+
+        def bcast_i32(base, off):
+            v = _load(builder, base, off, _i32)
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(_v16i32, ir.Undefined), v,
+                                                                 ir.Constant(_i32, 0)),
+                                          ir.Constant(_v16i32, ir.Undefined), ir.Constant(_v16i32, [0] * 16))
+
+        def bcast_f32(base, off):
+            v = _load(builder, base, off, _f32)
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(_v16f32, ir.Undefined), v,
+                                                                 ir.Constant(_i32, 0)),
+                                          ir.Constant(_v16f32, ir.Undefined), ir.Constant(_v16i32, [0] * 16))
+
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            b4 = builder.mul(b, ir.Constant(_i64, 4))
+            acc = [bcast_i32(tok[2], b4) for tok in toks]           # -c * sum(xq) of the block
+            for j in range(8):
+                w = _load(builder, wpa, builder.mul(builder.add(builder.mul(b, ir.Constant(_i64, 8)),
+                                                                ir.Constant(_i64, j)), ir.Constant(_i64, 64)), _v16i32)
+                xoff = builder.add(builder.mul(b, ir.Constant(_i64, BLOCK)), ir.Constant(_i64, 4 * j))
+                for k, tok in enumerate(toks):
+                    acc[k] = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32,
+                                   [acc[k], w, bcast_i32(tok[0], xoff)])
+            if per_row:
+                for k, tok in enumerate(toks):
+                    builder.store(_intr(builder, "llvm.fma.v16f32", _v16f32,
+                                        [builder.sitofp(acc[k], _v16f32), bcast_f32(tok[1], b4),
+                                         builder.load(facc[k])]), facc[k])
+            else:
+                wsv = _load(builder, wsa, builder.mul(b, ir.Constant(_i64, 64)), _v16f32)
+                msv = _load(builder, msa, builder.mul(b, ir.Constant(_i64, 64)), _v16f32) if mins else None
+                for k, tok in enumerate(toks):
+                    s = builder.fmul(wsv, bcast_f32(tok[1], b4))
+                    f = _intr(builder, "llvm.fma.v16f32", _v16f32,
+                              [builder.sitofp(acc[k], _v16f32), s, builder.load(facc[k])])
+                    if mins:
+                        f = _intr(builder, "llvm.fma.v16f32", _v16f32, [msv, bcast_f32(tok[3], b4), f])
+                    builder.store(f, facc[k])
+        oa = _addr(context, builder, tys[8], out)
+        ostride = _stride0(context, builder, tys[8], out)
+        wrow = _load(builder, wsa, zero, _v16f32) if per_row else None
+        for k in range(nt):
+            f = builder.load(facc[k])
+            if per_row:
+                f = builder.fmul(f, wrow)
+            _store(builder, oa, builder.mul(ir.Constant(_i64, k), ostride), f)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _make_tile(nt, per_row, mins):
+    def tile(typingctx, wp, ws, ms, xq, xs, ioff, xsum, t0, out):
+        one_d = all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (wp, ws, ms))
+        two_d = all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (xq, xs, ioff, xsum, out))
+        if not (one_d and two_d):
+            return None
+        return types.void(wp, ws, ms, xq, xs, ioff, xsum, t0, out), _tile_codegen(nt, per_row, mins)
+    tile.__name__ = f"tile_{nt}_{'row' if per_row else 'g32'}{'_mins' if mins else ''}"
+    tile.__doc__ = (f"out[k, i] = dot of panel row i with token t0 + k, k < {nt}: panel wp (n // 4 * 16,) "
+                    "uint32 (pack_panel_*), scales ws (nb * 16,) (per_row: (16,)), mins ms; activations "
+                    "xq (T, n) int8, xs (T, nb), ioff (T, nb) int32, xsum (T, nb); out (>= nt, >= 16) float32.")
+    return intrinsic(tile)
+
+
+tile_g32 = _make_tile(NT, False, False)
+tile_g32_mins = _make_tile(NT, False, True)
+tile_row = _make_tile(NT, True, False)
+
+
+# ------------------------------------------------------------------ activations
+
+@njit(parallel=True, **JIT)
+def quantize_tokens(x, c, tpad):
+    """x (T, n) -> xq (tpad, n) int8, xs, ioff (int32, = -c * sum of the block's codes), xsum
+    (tpad, n // 32), per token and block of 32 as simd.quantize_act; rows past T are zero."""
+    T, n = x.shape
+    nb = n // BLOCK
+    xq = np.zeros((tpad, n), np.int8)
+    xs = np.zeros((tpad, nb), np.float32)
+    ioff = np.zeros((tpad, nb), np.int32)
+    xsum = np.zeros((tpad, nb), np.float32)
+    for t in prange(T):
+        quantize_act(x[t], xq[t], xs[t], xsum[t])
+        for b in range(nb):
+            qb = xq[t, b * BLOCK:(b + 1) * BLOCK]
+            s = np.int32(0)
+            for j in range(BLOCK):
+                s += np.int32(qb[j])
+            ioff[t, b] = -c * s
+    return xq, xs, ioff, xsum
+
+
+# ------------------------------------------------------------------ the GEMMs
+
+@njit(inline="always")
+def _store_tile(tile, out, t0, r0):
+    T, rows = out.shape
+    for k in range(min(NT, T - t0)):
+        for i in range(min(LANES, rows - r0)):
+            out[t0 + k, r0 + i] = tile[k, i]
+
+
+@njit(parallel=True, **JIT)
+def gemm_int8_tiled(x, q, scales, group, out):
+    """out (T, rows) = x (T, n) @ int8 q (rows, n).T with x quantized per block of 32; scales
+    per group of 32 or per row (group == n); n a multiple of 32."""
+    T, n = x.shape
+    rows = q.shape[0]
+    tpad = (T + NT - 1) // NT * NT
+    xq, xs, ioff, xsum = quantize_tokens(x, 128, tpad)
+    per_row = group == n and n != BLOCK
+    nsc = 1 if per_row else n // BLOCK
+    for p in prange((rows + LANES - 1) // LANES):
+        r0 = p * LANES
+        panel = np.empty(n // 4 * LANES, np.uint32)
+        ws = np.empty(nsc * LANES, np.float32)
+        tile = np.empty((NT, LANES), np.float32)
+        pack_panel_int8(q, r0, panel)
+        pack_panel_scales(scales, r0, ws)
+        for t0 in range(0, tpad, NT):
+            if per_row:
+                tile_row(panel, ws, ws, xq, xs, ioff, xsum, t0, tile)
+            else:
+                tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, tile)
+            _store_tile(tile, out, t0, r0)
+
+
+@njit(parallel=True, **JIT)
+def gemm_int4_tiled(x, qs, scales, mins, out):
+    """out (T, rows) = x (T, n) @ W.T for int4 groups of 32 (Int4Weight; symmetric when mins is
+    empty) with x quantized per block of 32; n a multiple of 32."""
+    T, n = x.shape
+    rows = qs.shape[0]
+    has_mins = mins.shape[0] > 0
+    tpad = (T + NT - 1) // NT * NT
+    xq, xs, ioff, xsum = quantize_tokens(x, 0 if has_mins else 8, tpad)
+    nb = n // BLOCK
+    for p in prange((rows + LANES - 1) // LANES):
+        r0 = p * LANES
+        panel = np.empty(n // 4 * LANES, np.uint32)
+        ws = np.empty(nb * LANES, np.float32)
+        ms = np.empty(nb * LANES if has_mins else 0, np.float32)
+        tile = np.empty((NT, LANES), np.float32)
+        pack_panel_int4(qs, r0, panel)
+        pack_panel_scales(scales, r0, ws)
+        if has_mins:
+            pack_panel_scales(mins, r0, ms)
+        for t0 in range(0, tpad, NT):
+            if has_mins:
+                tile_g32_mins(panel, ws, ms, xq, xs, ioff, xsum, t0, tile)
+            else:
+                tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, tile)
+            _store_tile(tile, out, t0, r0)
