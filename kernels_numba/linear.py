@@ -15,6 +15,9 @@ from numba import njit, prange
 from ._common import FASTMATH, JIT, as_float, half_to_float
 from .simd import (BLOCK, dot_half_row, dot_int4_row, dot_int4_row4_quad, dot_int4_row_quad,
                    dot_int8_row, dot_int8_row4, quad_order, quantize_act)
+from .simd_gemm import TILED, gemm_int4_tiled, gemm_int8_tiled
+
+TILE_MIN_T = 8      # prefill of at least this many tokens goes to simd_gemm's 16-row x 8-token tiles
 
 ROW_BLOCK = 16
 
@@ -205,7 +208,8 @@ def _quantized(x):
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def gemm_int8_q8(x, q, scales, group, out):
     """gemm_int8 for one token with x quantized to int8 per block of 32, integer dot products in
-    SIMD (simd.dot_int8_row), as llama.cpp's Q8_0 x Q8_0. Shapes the row kernel can't take
+    SIMD (simd.dot_int8_row), as llama.cpp's Q8_0 x Q8_0; prefill (T >= TILE_MIN_T) in register
+    tiles of 16 rows x 8 tokens (simd_gemm.py). Shapes the row kernel can't take
     (in not a multiple of 32, or groups other than 32 or a whole row) use gemm_int8."""
     T, n = x.shape
     if n % BLOCK or (group != BLOCK and group != n):
@@ -216,8 +220,19 @@ def gemm_int8_q8(x, q, scales, group, out):
         for r in prange(q.shape[0]):
             out[0, r] = dot_int8_row(q[r], scales[r], xq, xs, xsum, group)
         return
-    xq, xs, xsum = _quantized_rows(x)     # prefill: each weight row, read once, meets every token,
-    T4 = T - T % 4                        # four at a time (converted once for the four)
+    if TILED and T >= TILE_MIN_T:         # prefill: 16 rows x 8 tokens per register tile
+        gemm_int8_tiled(x, q, scales, group, out)
+        return
+    gemm_int8_q8_rows(x, q, scales, group, out)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_int8_q8_rows(x, q, scales, group, out):
+    """Prefill without tiles (CPUs without 512-bit VNNI, or few tokens): each weight row, read
+    once, meets every token, four at a time (converted once for the four)."""
+    T = x.shape[0]
+    xq, xs, xsum = _quantized_rows(x)
+    T4 = T - T % 4
     for r in prange(q.shape[0]):
         for t in range(0, T4, 4):
             out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_int8_row4(q[r], scales[r], xq, xs, xsum,
@@ -228,7 +243,8 @@ def gemm_int8_q8(x, q, scales, group, out):
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def gemm_int4_q8(x, qs, scales, mins, group, out):
-    """gemm_int4 for one token with x quantized to int8 per block of 32 (simd.dot_int4_row)."""
+    """gemm_int4 for one token with x quantized to int8 per block of 32 (simd.dot_int4_row);
+    prefill with groups of 32 in register tiles (simd_gemm.py)."""
     T, n = x.shape
     if n % BLOCK or group % BLOCK:
         gemm_int4(x, qs, scales, mins, group, out)
@@ -246,8 +262,19 @@ def gemm_int4_q8(x, qs, scales, mins, group, out):
         for r in prange(qs.shape[0]):
             out[0, r] = dot_int4_row(qs[r], scales[r], mins[r] if has_mins else scales[r], has_mins, xq, xs, xsum, group)
         return
+    if TILED and T >= TILE_MIN_T and group == BLOCK:    # prefill: 16 rows x 8 tokens per register tile
+        gemm_int4_tiled(x, qs, scales, mins, out)
+        return
+    gemm_int4_q8_rows(x, qs, scales, mins, group, out)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def gemm_int4_q8_rows(x, qs, scales, mins, group, out):
+    """Prefill without tiles (CPUs without 512-bit VNNI, few tokens, groups of 64 or 128)."""
+    T = x.shape[0]
+    has_mins = mins.shape[0] > 0
     xq, xs, xsum = _quantized_rows(x)
-    if group == BLOCK:                    # prefill: each row, unpacked once, meets 4 tokens at a time
+    if group == BLOCK:                    # each row, unpacked once, meets 4 tokens at a time
         xo = np.empty_like(xq)
         for t in range(T):
             quad_order(xq[t], xo[t])

@@ -358,3 +358,14 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
             else:
                 tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, tile)
             _store_tile(tile, out, t0, r0)
+
+
+# ------------------------------------------------------------------ references
+
+def pack_panel_ref(u: np.ndarray, r0: int) -> np.ndarray:
+    """NumPy twin of pack_panel_*: u (rows, n) uint8 weight bytes as the panel holds them (int8
+    q + 128, or int4 nibbles in input order) -> (n // 4 * 16,) uint32 for rows r0..r0+15."""
+    rows, n = u.shape
+    block = np.zeros((LANES, n), np.uint8)
+    block[:min(LANES, rows - r0)] = u[r0:r0 + LANES]
+    return np.ascontiguousarray(block.view(np.uint32).T).reshape(-1)
