@@ -29,7 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._common import JIT, as_float
-from .simd import BLOCK, WIDE, _addr, _i32, _i64, _intr, _load, _splat, quantize_act
+from .simd import BLOCK, WIDE, _addr, _i32, _i64, _intr, _load, _splat
 
 LANES = 16          # weight rows per panel (int32 lanes of a 512-bit vector)
 NT = 8              # tokens per micro-kernel call
@@ -190,7 +190,7 @@ def pack_panel_scales(s, r0, dst):
 
 def _tile_codegen(nt, per_row, mins):
     def codegen(context, builder, sig_, args):
-        (wp, ws, ms, xq, xs, ioff, xsum, t0, out) = args
+        (wp, ws, ms, xq, xs, ioff, xsum, t0, out) = args[:9]
         tys = sig_.args
         wpa, wsa, msa = (_addr(context, builder, tys[i], args[i]) for i in range(3))
         t0 = context.cast(builder, t0, tys[7], types.int64)
@@ -243,8 +243,11 @@ def _tile_codegen(nt, per_row, mins):
                     if mins:
                         f = _intr(builder, "llvm.fma.v16f32", _v16f32, [msv, bcast_f32(tok[3], b4), f])
                     builder.store(f, facc[k])
-        oa = _addr(context, builder, tys[8], out)
         ostride = _stride0(context, builder, tys[8], out)
+        ot0 = context.cast(builder, args[9], tys[9], types.int64)
+        or0 = context.cast(builder, args[10], tys[10], types.int64)
+        oa = builder.add(_addr(context, builder, tys[8], out),
+                         builder.add(builder.mul(ot0, ostride), builder.mul(or0, ir.Constant(_i64, 4))))
         wrow = _load(builder, wsa, zero, _v16f32) if per_row else None
         for k in range(nt):
             f = builder.load(facc[k])
@@ -256,16 +259,18 @@ def _tile_codegen(nt, per_row, mins):
 
 
 def _make_tile(nt, per_row, mins):
-    def tile(typingctx, wp, ws, ms, xq, xs, ioff, xsum, t0, out):
+    def tile(typingctx, wp, ws, ms, xq, xs, ioff, xsum, t0, out, ot0, or0):
         one_d = all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (wp, ws, ms))
-        two_d = all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (xq, xs, ioff, xsum, out))
-        if not (one_d and two_d):
+        two_d = all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (xq, xs, ioff, xsum))
+        if not (one_d and two_d and isinstance(out, types.Array) and out.ndim == 2):   # out: rows unit-stride
             return None
-        return types.void(wp, ws, ms, xq, xs, ioff, xsum, t0, out), _tile_codegen(nt, per_row, mins)
+        return (types.void(wp, ws, ms, xq, xs, ioff, xsum, t0, out, ot0, or0),
+                _tile_codegen(nt, per_row, mins))
     tile.__name__ = f"tile_{nt}_{'row' if per_row else 'g32'}{'_mins' if mins else ''}"
-    tile.__doc__ = (f"out[k, i] = dot of panel row i with token t0 + k, k < {nt}: panel wp (n // 4 * 16,) "
-                    "uint32 (pack_panel_*), scales ws (nb * 16,) (per_row: (16,)), mins ms; activations "
-                    "xq (T, n) int8, xs (T, nb), ioff (T, nb) int32, xsum (T, nb); out (>= nt, >= 16) float32.")
+    tile.__doc__ = (f"out[ot0 + k, or0 + i] = dot of panel row i with token t0 + k, k < {nt}, i < 16: panel "
+                    "wp (n // 4 * 16,) uint32 (pack_panel_*), scales ws (nb * 16,) (per_row: (16,)), mins ms; "
+                    "activations xq (T, n) int8, xs (T, nb), ioff (T, nb) int32, xsum (T, nb); out float32 "
+                    "(any row stride; the 16 outputs of a token are stored as one vector).")
     return intrinsic(tile)
 
 
@@ -276,24 +281,64 @@ tile_row = _make_tile(NT, True, False)
 
 # ------------------------------------------------------------------ activations
 
+def _quantize_codegen(context, builder, sig_, args):
+    x, xq, xs, ioff, xsum = (_addr(context, builder, t, a) for t, a in zip(sig_.args[:5], args[:5]))
+    c = context.cast(builder, args[5], sig_.args[5], types.int32)
+    n = builder.extract_value(_array(context, builder, sig_.args[0], args[0]).shape, 0)
+    v16i8 = ir.VectorType(_i8, 16)
+    with cgutils.for_range(builder, builder.sdiv(n, ir.Constant(_i64, BLOCK))) as loop:
+        b = loop.index
+        halves = [_load(builder, x, builder.mul(builder.add(builder.mul(b, ir.Constant(_i64, 2)), ir.Constant(_i64, h)),
+                                                 ir.Constant(_i64, 64)), _v16f32) for h in range(2)]
+        bits = [builder.and_(builder.bitcast(v, _v16i32), _splat(_v16i32, 0x7FFFFFFF)) for v in halves]
+        # max |x| as integers: for non-negative floats the bit patterns order as the values do
+        m = _intr(builder, "llvm.vector.reduce.umax.v16i32", _i32,
+                  [_intr(builder, "llvm.umax.v16i32", _v16i32, bits)])
+        amax = builder.bitcast(m, _f32)
+        d = builder.fmul(amax, ir.Constant(_f32, float(np.float32(1.0) / np.float32(127.0))))   # quantize_act under arcp
+        inv = builder.select(builder.fcmp_ordered(">", amax, ir.Constant(_f32, 0.0)),
+                             builder.fdiv(ir.Constant(_f32, 127.0), amax), ir.Constant(_f32, 0.0))
+        invv = builder.shuffle_vector(builder.insert_element(ir.Constant(_v16f32, ir.Undefined), inv, ir.Constant(_i32, 0)),
+                                      ir.Constant(_v16f32, ir.Undefined), ir.Constant(_v16i32, [0] * 16))
+        total = ir.Constant(_v16i32, None)
+        for h, v in enumerate(halves):
+            q = builder.fptosi(_intr(builder, "llvm.rint.v16f32", _v16f32, [builder.fmul(v, invv)]), _v16i32)
+            total = builder.add(total, q)
+            _store(builder, xq, builder.add(builder.mul(b, ir.Constant(_i64, BLOCK)), ir.Constant(_i64, 16 * h)),
+                   builder.trunc(q, v16i8))
+        sm = _intr(builder, "llvm.vector.reduce.add.v16i32", _i32, [total])
+        b4 = builder.mul(b, ir.Constant(_i64, 4))
+        _store(builder, xs, b4, d)
+        _store(builder, xsum, b4, builder.fmul(d, builder.sitofp(sm, _f32)))
+        _store(builder, ioff, b4, builder.mul(builder.neg(c), sm))
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _quantize_row(typingctx, x, xq, xs, ioff, xsum, c):
+    """simd.quantize_act for one row (same codes, scales and sums, bit for bit, for finite x),
+    in 512-bit vectors, plus ioff[b] = -c * sum of block b's codes."""
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (x, xq, xs, ioff, xsum)):
+        return None
+    return types.void(x, xq, xs, ioff, xsum, c), _quantize_codegen
+
+
 @njit(parallel=True, **JIT)
 def quantize_tokens(x, c, tpad):
     """x (T, n) -> xq (tpad, n) int8, xs, ioff (int32, = -c * sum of the block's codes), xsum
     (tpad, n // 32), per token and block of 32 as simd.quantize_act; rows past T are zero."""
     T, n = x.shape
     nb = n // BLOCK
-    xq = np.zeros((tpad, n), np.int8)
-    xs = np.zeros((tpad, nb), np.float32)
-    ioff = np.zeros((tpad, nb), np.int32)
-    xsum = np.zeros((tpad, nb), np.float32)
+    xq = np.empty((tpad, n), np.int8)
+    xs = np.empty((tpad, nb), np.float32)
+    ioff = np.empty((tpad, nb), np.int32)
+    xsum = np.empty((tpad, nb), np.float32)
     for t in prange(T):
-        quantize_act(x[t], xq[t], xs[t], xsum[t])
-        for b in range(nb):
-            qb = xq[t, b * BLOCK:(b + 1) * BLOCK]
-            s = np.int32(0)
-            for j in range(BLOCK):
-                s += np.int32(qb[j])
-            ioff[t, b] = -c * s
+        _quantize_row(np.ascontiguousarray(x[t]), xq[t], xs[t], ioff[t], xsum[t], c)
+    xq[T:] = 0
+    xs[T:] = 0
+    ioff[T:] = 0
+    xsum[T:] = 0
     return xq, xs, ioff, xsum
 
 
@@ -316,6 +361,7 @@ def gemm_int8_tiled(x, q, scales, group, out):
     tpad = (T + NT - 1) // NT * NT
     xq, xs, ioff, xsum = quantize_tokens(x, 128, tpad)
     per_row = group == n and n != BLOCK
+    unit = out.strides[1] == 4           # the tiles store 16 outputs of a token as one vector
     nsc = 1 if per_row else n // BLOCK
     for p in prange((rows + LANES - 1) // LANES):
         r0 = p * LANES
@@ -325,11 +371,14 @@ def gemm_int8_tiled(x, q, scales, group, out):
         pack_panel_int8(q, r0, panel)
         pack_panel_scales(scales, r0, ws)
         for t0 in range(0, tpad, NT):
+            whole = unit and t0 + NT <= T and r0 + LANES <= rows      # else through the tile buffer
+            dst, ot0, or0 = (out, t0, r0) if whole else (tile, 0, 0)
             if per_row:
-                tile_row(panel, ws, ws, xq, xs, ioff, xsum, t0, tile)
+                tile_row(panel, ws, ws, xq, xs, ioff, xsum, t0, dst, ot0, or0)
             else:
-                tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, tile)
-            _store_tile(tile, out, t0, r0)
+                tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+            if not whole:
+                _store_tile(tile, out, t0, r0)
 
 
 @njit(parallel=True, **JIT)
@@ -342,6 +391,7 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
     tpad = (T + NT - 1) // NT * NT
     xq, xs, ioff, xsum = quantize_tokens(x, 0 if has_mins else 8, tpad)
     nb = n // BLOCK
+    unit = out.strides[1] == 4
     for p in prange((rows + LANES - 1) // LANES):
         r0 = p * LANES
         panel = np.empty(n // 4 * LANES, np.uint32)
@@ -353,11 +403,14 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
         if has_mins:
             pack_panel_scales(mins, r0, ms)
         for t0 in range(0, tpad, NT):
+            whole = unit and t0 + NT <= T and r0 + LANES <= rows
+            dst, ot0, or0 = (out, t0, r0) if whole else (tile, 0, 0)
             if has_mins:
-                tile_g32_mins(panel, ws, ms, xq, xs, ioff, xsum, t0, tile)
+                tile_g32_mins(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
             else:
-                tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, tile)
-            _store_tile(tile, out, t0, r0)
+                tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+            if not whole:
+                _store_tile(tile, out, t0, r0)
 
 
 # ------------------------------------------------------------------ references

@@ -111,3 +111,40 @@ def test_panels_match_ref(n):
         np.testing.assert_array_equal(dst, G.pack_panel_ref(q.view(np.uint8) ^ 128, r0))
         G.pack_panel_int4(qs, r0, dst)
         np.testing.assert_array_equal(dst, G.pack_panel_ref(nib, r0))
+
+
+def test_quantize_tokens_equals_quantize_act():
+    """The tiles' activation quantizer (512-bit) gives simd.quantize_act's codes, scales and sums
+    bit for bit (decode and prefill see the same int8 activations), ioff = -c * block code sums,
+    and zero rows for the padding tokens."""
+    from edgerun.kernels_numba import simd
+    rng = np.random.default_rng(5)
+    T, n = 37, 608
+    x = (rng.normal(size=(T, n)) * np.exp(3 * rng.normal(size=(T, 1)))).astype(np.float32)
+    x[1, 64:96] = 0.0
+    x[2, 7] = 1e6
+    xq, xs, ioff, xsum = G.quantize_tokens(x, 128, 40)
+    for t in range(T):
+        q, s, su = np.empty(n, np.int8), np.empty(n // 32, np.float32), np.empty(n // 32, np.float32)
+        simd.quantize_act(x[t], q, s, su)
+        np.testing.assert_array_equal(xq[t], q)
+        np.testing.assert_array_equal(xs[t], s)
+        np.testing.assert_array_equal(xsum[t], su)
+        np.testing.assert_array_equal(ioff[t], -128 * q.reshape(-1, 32).astype(np.int32).sum(axis=1))
+    assert not xq[T:].any() and not xs[T:].any() and not ioff[T:].any() and not xsum[T:].any()
+
+
+def test_tiled_gemm_strided_arguments():
+    """Activations and outputs that are not C-contiguous (a transposed x, an output whose rows are
+    strided) take the same values as contiguous ones."""
+    for kind, params in KINDS[1:3]:
+        c = _container(kind, params, 96, 37, False)
+        x = _activations(19, 96)
+        want = _run(c, x, TILED)
+        xf = np.asfortranarray(x)
+        out = np.full((37, 19), np.nan, np.float32).T            # (19, 37), column-major
+        if kind == "int8":
+            L.gemm_int8_q8(xf, c.q, c.scales, c.group, out)
+        else:
+            L.gemm_int4_q8(xf, c.qs, c.scales, c.mins, c.group, out)
+        np.testing.assert_array_equal(out, want)
