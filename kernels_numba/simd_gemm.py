@@ -38,7 +38,7 @@ TILED = WIDE        # the tiled path needs 512-bit VNNI; other CPUs keep simd.py
 _f32 = ir.FloatType()
 _i8 = ir.IntType(8)
 _v16i32, _v16f32 = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
-_v64i8, _v32i8 = ir.VectorType(_i8, 64), ir.VectorType(_i8, 32)
+_v64i8 = ir.VectorType(_i8, 64)
 
 
 def _array(context, builder, ty, val):
@@ -76,7 +76,7 @@ def _transpose16(builder, rows):
     return v
 
 
-def _panel_codegen(int4):
+def _panel_codegen(flip):
     def codegen(context, builder, sig_, args):
         qty, dty = sig_.args[0], sig_.args[2]
         qa = _addr(context, builder, qty, args[0])
@@ -85,21 +85,14 @@ def _panel_codegen(int4):
         da = _addr(context, builder, dty, args[2])
         nsteps = context.cast(builder, args[3], sig_.args[3], types.int64)
         base = builder.add(qa, builder.mul(r0, stride))
-        xor = _splat(_v64i8, -128)
-        order = ir.Constant(ir.VectorType(_i32, 64), list(range(16)) + list(range(32, 48))
-                            + list(range(16, 32)) + list(range(48, 64)))
         with cgutils.for_range(builder, nsteps) as loop:
             j = loop.index
             rows = []
             for i in range(LANES):
                 row = builder.add(base, builder.mul(ir.Constant(_i64, i), stride))
-                if int4:     # 32 bytes = 2 groups of 32 nibbles -> 64 bytes in input order
-                    v = _load(builder, row, builder.mul(j, ir.Constant(_i64, 32)), _v32i8)
-                    lo = builder.and_(v, _splat(_v32i8, 15))
-                    hi = builder.lshr(v, _splat(_v32i8, 4))
-                    v = builder.shuffle_vector(lo, hi, order)
-                else:
-                    v = builder.xor(_load(builder, row, builder.mul(j, ir.Constant(_i64, 64)), _v64i8), xor)
+                v = _load(builder, row, builder.mul(j, ir.Constant(_i64, 64)), _v64i8)
+                if flip:        # int8 q -> q + 128 (unsigned for vpdpbusd)
+                    v = builder.xor(v, _splat(_v64i8, -128))
                 rows.append(builder.bitcast(v, _v16i32))
             for k, col in enumerate(_transpose16(builder, rows)):
                 off = builder.mul(builder.add(builder.mul(j, ir.Constant(_i64, 16)), ir.Constant(_i64, k)),
@@ -109,24 +102,26 @@ def _panel_codegen(int4):
     return codegen
 
 
+def _panel_typer(q, dst):
+    return (isinstance(q, types.Array) and q.ndim == 2 and q.layout == "C" and q.dtype.bitwidth == 8
+            and isinstance(dst, types.Array) and dst.layout == "C")
+
+
 @intrinsic
 def _panel_int8_simd(typingctx, q, r0, dst, nsteps):
     """dst[(16 j + k) * 16 + i] = dword k of bytes 64 j.. of row r0 + i of q, xor 0x80 in each
     byte, for j < nsteps (q: (rows, n) int8, C order; dst: uint32)."""
-    if not (isinstance(q, types.Array) and q.ndim == 2 and q.layout == "C"
-            and isinstance(dst, types.Array) and dst.layout == "C"):
+    if not _panel_typer(q, dst):
         return None
-    return types.void(q, r0, dst, nsteps), _panel_codegen(False)
+    return types.void(q, r0, dst, nsteps), _panel_codegen(True)
 
 
 @intrinsic
-def _panel_int4_simd(typingctx, qs, r0, dst, nsteps):
-    """The same for int4 groups of 32 (qs: (rows, n // 2) uint8): step j unpacks packed bytes
-    32 j.. (two groups) of each row to 64 nibbles in input order."""
-    if not (isinstance(qs, types.Array) and qs.ndim == 2 and qs.layout == "C"
-            and isinstance(dst, types.Array) and dst.layout == "C"):
+def _panel_raw_simd(typingctx, q, r0, dst, nsteps):
+    """The same without the xor (int4: the packed bytes as they are)."""
+    if not _panel_typer(q, dst):
         return None
-    return types.void(qs, r0, dst, nsteps), _panel_codegen(True)
+    return types.void(q, r0, dst, nsteps), _panel_codegen(False)
 
 
 @njit(inline="always")
@@ -154,25 +149,56 @@ def pack_panel_int8(q, r0, dst):
 
 @njit(**JIT)
 def pack_panel_int4(qs, r0, dst):
-    """Rows r0..r0+15 of int4 groups of 32 (qs (rows, n // 2) uint8, Int4Weight layout) -> dst as
-    pack_panel_int8 (dword (k, i) = nibbles of inputs 4k..4k+3 of row r0 + i, as bytes)."""
-    rows = qs.shape[0]
-    n = qs.shape[1] * 2
+    """Rows r0..r0+15 of int4 groups of 32 (qs (rows, n // 2) uint8, Int4Weight layout) -> dst
+    (n // 8 * 16,) uint32, dword (k, i) = packed bytes 4k..4k+3 of row r0 + i as they are: in group
+    g = k // 4, c = k % 4, their low nibbles are inputs 4c..4c+3 and their high ones 16+4c..16+4c+3
+    (the tile unpacks them); rows past the end are zero."""
+    rows, nbytes = qs.shape
     nr = min(LANES, rows - r0)
-    nsteps = n // 64 if nr == LANES else 0
-    _panel_int4_simd(qs, r0, dst, nsteps)
-    for k in range(nsteps * 16, n // 4):
-        g = k // 8                      # group of 32 inputs
-        j = 4 * (k % 8)                 # first input of the dword within the group
+    nsteps = nbytes // 64 if nr == LANES else 0
+    _panel_raw_simd(qs, r0, dst, nsteps)
+    for k in range(nsteps * 16, nbytes // 4):
         for i in range(LANES):
             if i < nr:
-                qg = qs[r0 + i, 16 * g:16 * g + 16]
-                if j < 16:
-                    dst[k * LANES + i] = _dword(qg[j] & 15, qg[j + 1] & 15, qg[j + 2] & 15, qg[j + 3] & 15)
-                else:
-                    dst[k * LANES + i] = _dword(qg[j - 16] >> 4, qg[j - 15] >> 4, qg[j - 14] >> 4, qg[j - 13] >> 4)
+                qr = qs[r0 + i, 4 * k:4 * k + 4]
+                dst[k * LANES + i] = _dword(qr[0], qr[1], qr[2], qr[3])
             else:
                 dst[k * LANES + i] = 0
+
+
+def _scales_codegen(context, builder, sig_, args):
+    sty, dty = sig_.args[0], sig_.args[2]
+    half = isinstance(sty.dtype, types.Integer)
+    sa = _addr(context, builder, sty, args[0])
+    stride = _stride0(context, builder, sty, args[0])
+    r0 = context.cast(builder, args[1], sig_.args[1], types.int64)
+    da = _addr(context, builder, dty, args[2])
+    base = builder.add(sa, builder.mul(r0, stride))
+    with cgutils.for_range(builder, context.cast(builder, args[3], sig_.args[3], types.int64)) as loop:
+        j = loop.index
+        rows = []
+        for i in range(LANES):
+            row = builder.add(base, builder.mul(ir.Constant(_i64, i), stride))
+            if half:    # float16 bits -> float32 (vcvtph2ps: exact, subnormals and inf included)
+                h = _load(builder, row, builder.mul(j, ir.Constant(_i64, 32)), ir.VectorType(ir.HalfType(), 16))
+                v = builder.fpext(h, _v16f32)
+            else:
+                v = _load(builder, row, builder.mul(j, ir.Constant(_i64, 64)), _v16f32)
+            rows.append(builder.bitcast(v, _v16i32))
+        for k, col in enumerate(_transpose16(builder, rows)):
+            off = builder.mul(builder.add(builder.mul(j, ir.Constant(_i64, 16)), ir.Constant(_i64, k)),
+                              ir.Constant(_i64, 64))
+            _store(builder, da, off, col)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _panel_scales_simd(typingctx, s, r0, dst, nsteps):
+    """dst[(16 j + k) * 16 + i] = float(s[r0 + i, 16 j + k]) for j < nsteps."""
+    if not (isinstance(s, types.Array) and s.ndim == 2 and s.layout == "C" and isinstance(dst, types.Array)
+            and dst.layout == "C" and dst.dtype == types.float32):
+        return None
+    return types.void(s, r0, dst, nsteps), _scales_codegen
 
 
 @njit(**JIT)
@@ -181,14 +207,16 @@ def pack_panel_scales(s, r0, dst):
     element (b, i) = s[r0 + i, b]; rows past the end are zero."""
     rows, nb = s.shape
     nr = min(LANES, rows - r0)
-    for b in range(nb):
+    nsteps = nb // LANES if nr == LANES else 0
+    _panel_scales_simd(s, r0, dst, nsteps)
+    for b in range(nsteps * LANES, nb):
         for i in range(LANES):
             dst[b * LANES + i] = as_float(s[r0 + i, b]) if i < nr else np.float32(0.0)
 
 
 # ------------------------------------------------------------------ micro-kernel: 16 rows x NT tokens
 
-def _tile_codegen(nt, per_row, mins):
+def _tile_codegen(nt, per_row, mins, nib):
     def codegen(context, builder, sig_, args):
         (wp, ws, ms, xq, xs, ioff, xsum, t0, out) = args[:9]
         tys = sig_.args
@@ -217,13 +245,25 @@ def _tile_codegen(nt, per_row, mins):
                                                                  ir.Constant(_i32, 0)),
                                           ir.Constant(_v16f32, ir.Undefined), ir.Constant(_v16i32, [0] * 16))
 
+        def weights(b):
+            """(vector of 16 rows x 4 weight bytes, input chunk j of the block) for j = 0..7."""
+            if not nib:
+                for j in range(8):
+                    yield _load(builder, wpa, builder.mul(builder.add(builder.mul(b, ir.Constant(_i64, 8)),
+                                                                      ir.Constant(_i64, j)), ir.Constant(_i64, 64)), _v16i32), j
+                return
+            mask = _splat(_v16i32, 0x0F0F0F0F)
+            for c in range(4):      # packed int4: low nibbles are chunk c, high ones chunk c + 4
+                v = _load(builder, wpa, builder.mul(builder.add(builder.mul(b, ir.Constant(_i64, 4)),
+                                                                ir.Constant(_i64, c)), ir.Constant(_i64, 64)), _v16i32)
+                yield builder.and_(v, mask), c
+                yield builder.and_(builder.lshr(v, _splat(_v16i32, 4)), mask), c + 4
+
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
             b4 = builder.mul(b, ir.Constant(_i64, 4))
             acc = [bcast_i32(tok[2], b4) for tok in toks]           # -c * sum(xq) of the block
-            for j in range(8):
-                w = _load(builder, wpa, builder.mul(builder.add(builder.mul(b, ir.Constant(_i64, 8)),
-                                                                ir.Constant(_i64, j)), ir.Constant(_i64, 64)), _v16i32)
+            for w, j in weights(b):
                 xoff = builder.add(builder.mul(b, ir.Constant(_i64, BLOCK)), ir.Constant(_i64, 4 * j))
                 for k, tok in enumerate(toks):
                     acc[k] = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32,
@@ -258,15 +298,15 @@ def _tile_codegen(nt, per_row, mins):
     return codegen
 
 
-def _make_tile(nt, per_row, mins):
+def _make_tile(nt, per_row, mins, nib=False):
     def tile(typingctx, wp, ws, ms, xq, xs, ioff, xsum, t0, out, ot0, or0):
         one_d = all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (wp, ws, ms))
         two_d = all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (xq, xs, ioff, xsum))
         if not (one_d and two_d and isinstance(out, types.Array) and out.ndim == 2):   # out: rows unit-stride
             return None
         return (types.void(wp, ws, ms, xq, xs, ioff, xsum, t0, out, ot0, or0),
-                _tile_codegen(nt, per_row, mins))
-    tile.__name__ = f"tile_{nt}_{'row' if per_row else 'g32'}{'_mins' if mins else ''}"
+                _tile_codegen(nt, per_row, mins, nib))
+    tile.__name__ = f"tile_{nt}_{'int4' if nib else 'int8'}_{'row' if per_row else 'g32'}{'_mins' if mins else ''}"
     tile.__doc__ = (f"out[ot0 + k, or0 + i] = dot of panel row i with token t0 + k, k < {nt}, i < 16: panel "
                     "wp (n // 4 * 16,) uint32 (pack_panel_*), scales ws (nb * 16,) (per_row: (16,)), mins ms; "
                     "activations xq (T, n) int8, xs (T, nb), ioff (T, nb) int32, xsum (T, nb); out float32 "
@@ -275,8 +315,9 @@ def _make_tile(nt, per_row, mins):
 
 
 tile_g32 = _make_tile(NT, False, False)
-tile_g32_mins = _make_tile(NT, False, True)
 tile_row = _make_tile(NT, True, False)
+tile_int4 = _make_tile(NT, False, False, nib=True)
+tile_int4_mins = _make_tile(NT, False, True, nib=True)
 
 
 # ------------------------------------------------------------------ activations
@@ -394,7 +435,7 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
     unit = out.strides[1] == 4
     for p in prange((rows + LANES - 1) // LANES):
         r0 = p * LANES
-        panel = np.empty(n // 4 * LANES, np.uint32)
+        panel = np.empty(n // 8 * LANES, np.uint32)
         ws = np.empty(nb * LANES, np.float32)
         ms = np.empty(nb * LANES if has_mins else 0, np.float32)
         tile = np.empty((NT, LANES), np.float32)
@@ -406,9 +447,9 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
             whole = unit and t0 + NT <= T and r0 + LANES <= rows
             dst, ot0, or0 = (out, t0, r0) if whole else (tile, 0, 0)
             if has_mins:
-                tile_g32_mins(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+                tile_int4_mins(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
             else:
-                tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+                tile_int4(panel, ws, ws, xq, xs, ioff, xsum, t0, dst, ot0, or0)
             if not whole:
                 _store_tile(tile, out, t0, r0)
 
@@ -416,8 +457,8 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
 # ------------------------------------------------------------------ references
 
 def pack_panel_ref(u: np.ndarray, r0: int) -> np.ndarray:
-    """NumPy twin of pack_panel_*: u (rows, n) uint8 weight bytes as the panel holds them (int8
-    q + 128, or int4 nibbles in input order) -> (n // 4 * 16,) uint32 for rows r0..r0+15."""
+    """NumPy twin of pack_panel_*: u (rows, nbytes) uint8 weight bytes as the panel holds them
+    (int8 q + 128, or int4's packed bytes) -> (nbytes // 4 * 16,) uint32 for rows r0..r0+15."""
     rows, n = u.shape
     block = np.zeros((LANES, n), np.uint8)
     block[:min(LANES, rows - r0)] = u[r0:r0 + LANES]

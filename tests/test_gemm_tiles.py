@@ -97,7 +97,7 @@ def test_tiled_gemm_direct_calls_small_T():
         assert err.max() < TOL, f"{kind}{params}: max {err.max():.2e}"
 
 
-@pytest.mark.parametrize("n", [32, 64, 96, 608, 640])
+@pytest.mark.parametrize("n", [32, 64, 96, 128, 608, 640])
 def test_panels_match_ref(n):
     """The transposed 16-row panels (SIMD steps of 64 inputs, scalar tail, zero rows past the end)."""
     rng = np.random.default_rng(n)
@@ -109,8 +109,9 @@ def test_panels_match_ref(n):
         dst = np.empty(n // 4 * 16, np.uint32)
         G.pack_panel_int8(q, r0, dst)
         np.testing.assert_array_equal(dst, G.pack_panel_ref(q.view(np.uint8) ^ 128, r0))
-        G.pack_panel_int4(qs, r0, dst)
-        np.testing.assert_array_equal(dst, G.pack_panel_ref(nib, r0))
+        dst4 = np.empty(n // 8 * 16, np.uint32)
+        G.pack_panel_int4(qs, r0, dst4)
+        np.testing.assert_array_equal(dst4, G.pack_panel_ref(qs, r0))
 
 
 def test_quantize_tokens_equals_quantize_act():
@@ -148,3 +149,21 @@ def test_tiled_gemm_strided_arguments():
         else:
             L.gemm_int4_q8(xf, c.qs, c.scales, c.mins, c.group, out)
         np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+def test_scale_panels_match_ref(f16):
+    """Scales transposed per panel (16 blocks at a time in SIMD, the rest one by one), float16
+    bits converted exactly (subnormals, inf)."""
+    rng = np.random.default_rng(7)
+    for nb in (1, 15, 16, 19, 35):
+        s = rng.normal(size=(21, nb)).astype(np.float32)
+        s[0, 0], s[1, -1] = 3e-6, np.inf             # a float16 subnormal, an infinity
+        s = packed.f16_bits(s) if f16 else s
+        f = packed.scales_to_f32(s)
+        for r0 in (0, 16):
+            dst = np.empty(nb * 16, np.float32)
+            G.pack_panel_scales(s, r0, dst)
+            want = np.zeros((16, nb), np.float32)
+            want[:min(16, 21 - r0)] = f[r0:r0 + 16]
+            np.testing.assert_array_equal(dst, want.T.reshape(-1))
