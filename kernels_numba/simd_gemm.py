@@ -22,6 +22,8 @@ weight column, rebuilt on each call and reused by all T tokens.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -33,7 +35,9 @@ from .simd import BLOCK, WIDE, _addr, _i32, _i64, _intr, _load, _splat
 
 LANES = 16          # weight rows per panel (int32 lanes of a 512-bit vector)
 NT = 8              # tokens per micro-kernel call
-TILED = WIDE        # the tiled path needs 512-bit VNNI; other CPUs keep simd.py's row kernels
+# The tiled path needs 512-bit VNNI; other CPUs keep simd.py's row kernels. EDGERUN_GEMM_TILES=0
+# turns it off (A/B runs; compiled into the cached kernels like EDGERUN_SIMD: change NUMBA_CACHE_DIR too).
+TILED = WIDE and os.environ.get("EDGERUN_GEMM_TILES", "1").strip() != "0"
 
 _f32 = ir.FloatType()
 _i8 = ir.IntType(8)
