@@ -322,6 +322,11 @@ tile_g32 = _make_tile(NT, False, False)
 tile_row = _make_tile(NT, True, False)
 tile_int4 = _make_tile(NT, False, False, nib=True)
 tile_int4_mins = _make_tile(NT, False, True, nib=True)
+# 4-token twins for the last 1..4 tokens (T is padded to a multiple of 4, not 8)
+tile_g32_4 = _make_tile(4, False, False)
+tile_row_4 = _make_tile(4, True, False)
+tile_int4_4 = _make_tile(4, False, False, nib=True)
+tile_int4_mins_4 = _make_tile(4, False, True, nib=True)
 
 
 # ------------------------------------------------------------------ activations
@@ -389,12 +394,51 @@ def quantize_tokens(x, c, tpad):
 
 # ------------------------------------------------------------------ the GEMMs
 
+INT8_G32, INT8_ROW, INT4, INT4_MINS = 0, 1, 2, 3      # what a panel holds (the tile to call)
+
+
 @njit(inline="always")
-def _store_tile(tile, out, t0, r0):
+def _tile(mode, nt, panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0):
+    if nt == NT:
+        if mode == INT8_G32:
+            tile_g32(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+        elif mode == INT8_ROW:
+            tile_row(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+        elif mode == INT4:
+            tile_int4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+        else:
+            tile_int4_mins(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+    else:
+        if mode == INT8_G32:
+            tile_g32_4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+        elif mode == INT8_ROW:
+            tile_row_4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+        elif mode == INT4:
+            tile_int4_4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+        else:
+            tile_int4_mins_4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+
+
+@njit(inline="always")
+def _panel_tiles(mode, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
+    """Every token of the padded activations against one panel: tiles of 8 tokens, the last 4 (if
+    the padded count is not a multiple of 8) as one of 4. Whole tiles are stored straight into out,
+    edge ones through the small tile buffer."""
     T, rows = out.shape
-    for k in range(min(NT, T - t0)):
-        for i in range(min(LANES, rows - r0)):
-            out[t0 + k, r0 + i] = tile[k, i]
+    tpad = xq.shape[0]
+    unit = out.strides[1] == 4           # the tiles store 16 outputs of a token as one vector
+    t0 = 0
+    while t0 < tpad:
+        nt = NT if t0 + NT <= tpad else 4
+        whole = unit and t0 + nt <= T and r0 + LANES <= rows
+        if whole:
+            _tile(mode, nt, panel, ws, ms, xq, xs, ioff, xsum, t0, out, t0, r0)
+        else:
+            _tile(mode, nt, panel, ws, ms, xq, xs, ioff, xsum, t0, tile, 0, 0)
+            for k in range(min(nt, T - t0)):
+                for i in range(min(LANES, rows - r0)):
+                    out[t0 + k, r0 + i] = tile[k, i]
+        t0 += nt
 
 
 @njit(parallel=True, **JIT)
@@ -403,10 +447,8 @@ def gemm_int8_tiled(x, q, scales, group, out):
     per group of 32 or per row (group == n); n a multiple of 32."""
     T, n = x.shape
     rows = q.shape[0]
-    tpad = (T + NT - 1) // NT * NT
-    xq, xs, ioff, xsum = quantize_tokens(x, 128, tpad)
+    xq, xs, ioff, xsum = quantize_tokens(x, 128, (T + 3) // 4 * 4)
     per_row = group == n and n != BLOCK
-    unit = out.strides[1] == 4           # the tiles store 16 outputs of a token as one vector
     nsc = 1 if per_row else n // BLOCK
     for p in prange((rows + LANES - 1) // LANES):
         r0 = p * LANES
@@ -415,15 +457,7 @@ def gemm_int8_tiled(x, q, scales, group, out):
         tile = np.empty((NT, LANES), np.float32)
         pack_panel_int8(q, r0, panel)
         pack_panel_scales(scales, r0, ws)
-        for t0 in range(0, tpad, NT):
-            whole = unit and t0 + NT <= T and r0 + LANES <= rows      # else through the tile buffer
-            dst, ot0, or0 = (out, t0, r0) if whole else (tile, 0, 0)
-            if per_row:
-                tile_row(panel, ws, ws, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-            else:
-                tile_g32(panel, ws, ws, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-            if not whole:
-                _store_tile(tile, out, t0, r0)
+        _panel_tiles(INT8_ROW if per_row else INT8_G32, panel, ws, ws, xq, xs, ioff, xsum, out, r0, tile)
 
 
 @njit(parallel=True, **JIT)
@@ -433,10 +467,8 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
     T, n = x.shape
     rows = qs.shape[0]
     has_mins = mins.shape[0] > 0
-    tpad = (T + NT - 1) // NT * NT
-    xq, xs, ioff, xsum = quantize_tokens(x, 0 if has_mins else 8, tpad)
+    xq, xs, ioff, xsum = quantize_tokens(x, 0 if has_mins else 8, (T + 3) // 4 * 4)
     nb = n // BLOCK
-    unit = out.strides[1] == 4
     for p in prange((rows + LANES - 1) // LANES):
         r0 = p * LANES
         panel = np.empty(n // 8 * LANES, np.uint32)
@@ -447,15 +479,7 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
         pack_panel_scales(scales, r0, ws)
         if has_mins:
             pack_panel_scales(mins, r0, ms)
-        for t0 in range(0, tpad, NT):
-            whole = unit and t0 + NT <= T and r0 + LANES <= rows
-            dst, ot0, or0 = (out, t0, r0) if whole else (tile, 0, 0)
-            if has_mins:
-                tile_int4_mins(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-            else:
-                tile_int4(panel, ws, ws, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-            if not whole:
-                _store_tile(tile, out, t0, r0)
+        _panel_tiles(INT4_MINS if has_mins else INT4, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
 
 
 # ------------------------------------------------------------------ references

@@ -23,7 +23,7 @@ ROWS_TOL = 1e-5
 
 KINDS = [("int8", {}), ("int8", {"group": 32}), ("int4", {"group": 32}),
          ("int4", {"group": 32, "symmetric": False})]
-SHAPES = [(32, 17, 9), (96, 5, 8), (608, 37, 11), (608, 16, 19), (576, 33, 64)]   # (in, rows, T)
+SHAPES = [(32, 17, 9), (96, 5, 4), (96, 5, 8), (608, 37, 11), (608, 16, 19), (576, 33, 64)]   # (in, rows, T)
 
 
 def _container(kind, params, n, rows, f16, seed=1):
