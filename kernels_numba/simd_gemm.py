@@ -394,36 +394,11 @@ def quantize_tokens(x, c, tpad):
 
 # ------------------------------------------------------------------ the GEMMs
 
-INT8_G32, INT8_ROW, INT4, INT4_MINS = 0, 1, 2, 3      # what a panel holds (the tile to call)
-
-
 @njit(inline="always")
-def _tile(mode, nt, panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0):
-    if nt == NT:
-        if mode == INT8_G32:
-            tile_g32(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-        elif mode == INT8_ROW:
-            tile_row(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-        elif mode == INT4:
-            tile_int4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-        else:
-            tile_int4_mins(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-    else:
-        if mode == INT8_G32:
-            tile_g32_4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-        elif mode == INT8_ROW:
-            tile_row_4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-        elif mode == INT4:
-            tile_int4_4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-        else:
-            tile_int4_mins_4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
-
-
-@njit(inline="always")
-def _panel_tiles(mode, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
+def _tiles_of_panel(tile8, tile4, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
     """Every token of the padded activations against one panel: tiles of 8 tokens, the last 4 (if
     the padded count is not a multiple of 8) as one of 4. Whole tiles are stored straight into out,
-    edge ones through the small tile buffer."""
+    edge ones through the small tile buffer. tile8 / tile4: the kind's tiles (inlined, constant)."""
     T, rows = out.shape
     tpad = xq.shape[0]
     unit = out.strides[1] == 4           # the tiles store 16 outputs of a token as one vector
@@ -431,14 +406,37 @@ def _panel_tiles(mode, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
     while t0 < tpad:
         nt = NT if t0 + NT <= tpad else 4
         whole = unit and t0 + nt <= T and r0 + LANES <= rows
-        if whole:
-            _tile(mode, nt, panel, ws, ms, xq, xs, ioff, xsum, t0, out, t0, r0)
+        dst, ot0, or0 = (out, t0, r0) if whole else (tile, 0, 0)
+        if nt == NT:
+            tile8(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
         else:
-            _tile(mode, nt, panel, ws, ms, xq, xs, ioff, xsum, t0, tile, 0, 0)
+            tile4(panel, ws, ms, xq, xs, ioff, xsum, t0, dst, ot0, or0)
+        if not whole:
             for k in range(min(nt, T - t0)):
                 for i in range(min(LANES, rows - r0)):
                     out[t0 + k, r0 + i] = tile[k, i]
         t0 += nt
+
+
+# one compiled function per kind (cold JIT: each holds only its own two tiles)
+@njit(**JIT)
+def _panel_int8_g32(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
+    _tiles_of_panel(tile_g32, tile_g32_4, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
+
+
+@njit(**JIT)
+def _panel_int8_row(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
+    _tiles_of_panel(tile_row, tile_row_4, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
+
+
+@njit(**JIT)
+def _panel_int4(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
+    _tiles_of_panel(tile_int4, tile_int4_4, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
+
+
+@njit(**JIT)
+def _panel_int4_mins(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
+    _tiles_of_panel(tile_int4_mins, tile_int4_mins_4, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
 
 
 @njit(parallel=True, **JIT)
@@ -457,7 +455,10 @@ def gemm_int8_tiled(x, q, scales, group, out):
         tile = np.empty((NT, LANES), np.float32)
         pack_panel_int8(q, r0, panel)
         pack_panel_scales(scales, r0, ws)
-        _panel_tiles(INT8_ROW if per_row else INT8_G32, panel, ws, ws, xq, xs, ioff, xsum, out, r0, tile)
+        if per_row:
+            _panel_int8_row(panel, ws, ws, xq, xs, ioff, xsum, out, r0, tile)
+        else:
+            _panel_int8_g32(panel, ws, ws, xq, xs, ioff, xsum, out, r0, tile)
 
 
 @njit(parallel=True, **JIT)
@@ -479,7 +480,10 @@ def gemm_int4_tiled(x, qs, scales, mins, out):
         pack_panel_scales(scales, r0, ws)
         if has_mins:
             pack_panel_scales(mins, r0, ms)
-        _panel_tiles(INT4_MINS if has_mins else INT4, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
+        if has_mins:
+            _panel_int4_mins(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
+        else:
+            _panel_int4(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
 
 
 # ------------------------------------------------------------------ references
