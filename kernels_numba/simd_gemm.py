@@ -439,51 +439,67 @@ def _panel_int4_mins(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile):
     _tiles_of_panel(tile_int4_mins, tile_int4_mins_4, panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
 
 
+@njit(**JIT)
+def _all_scales(s):
+    """Scales (rows, nb) float32 or float16 bits -> (panels, nb * 16) float32, panel p's block b
+    at [p, 16 b:16 b + 16] (pack_panel_scales)."""
+    rows, nb = s.shape
+    npan = (rows + LANES - 1) // LANES
+    out = np.empty((npan, nb * LANES), np.float32)
+    for p in range(npan):
+        pack_panel_scales(s, p * LANES, out[p])
+    return out
+
+
 @njit(parallel=True, **JIT)
-def gemm_int8_tiled(x, q, scales, group, out):
-    """out (T, rows) = x (T, n) @ int8 q (rows, n).T with x quantized per block of 32; scales
-    per group of 32 or per row (group == n); n a multiple of 32."""
-    T, n = x.shape
-    rows = q.shape[0]
-    xq, xs, ioff, xsum = quantize_tokens(x, 128, (T + 3) // 4 * 4)
-    per_row = group == n and n != BLOCK
-    nsc = 1 if per_row else n // BLOCK
-    for p in prange((rows + LANES - 1) // LANES):
+def _int8_panels(q, ws, per_row, xq, xs, ioff, xsum, out):
+    # compiled once per weight / output type: the scales' dtype stays outside (cold JIT)
+    rows, n = q.shape
+    for p in prange(ws.shape[0]):
         r0 = p * LANES
         panel = np.empty(n // 4 * LANES, np.uint32)
-        ws = np.empty(nsc * LANES, np.float32)
         tile = np.empty((NT, LANES), np.float32)
         pack_panel_int8(q, r0, panel)
-        pack_panel_scales(scales, r0, ws)
         if per_row:
-            _panel_int8_row(panel, ws, ws, xq, xs, ioff, xsum, out, r0, tile)
+            _panel_int8_row(panel, ws[p], ws[p], xq, xs, ioff, xsum, out, r0, tile)
         else:
-            _panel_int8_g32(panel, ws, ws, xq, xs, ioff, xsum, out, r0, tile)
+            _panel_int8_g32(panel, ws[p], ws[p], xq, xs, ioff, xsum, out, r0, tile)
 
 
 @njit(parallel=True, **JIT)
+def _int4_panels(qs, ws, ms, xq, xs, ioff, xsum, out):
+    rows, nbytes = qs.shape
+    for p in prange(ws.shape[0]):
+        r0 = p * LANES
+        panel = np.empty(nbytes // 4 * LANES, np.uint32)
+        tile = np.empty((NT, LANES), np.float32)
+        pack_panel_int4(qs, r0, panel)
+        if ms.shape[0] > 0:
+            _panel_int4_mins(panel, ws[p], ms[p], xq, xs, ioff, xsum, out, r0, tile)
+        else:
+            _panel_int4(panel, ws[p], ws[p], xq, xs, ioff, xsum, out, r0, tile)
+
+
+@njit(**JIT)
+def gemm_int8_tiled(x, q, scales, group, out):
+    """out (T, rows) = x (T, n) @ int8 q (rows, n).T with x quantized per block of 32; scales
+    (rows, n // group) per group of 32 or per row (group == n); n a multiple of 32."""
+    T, n = x.shape
+    xq, xs, ioff, xsum = quantize_tokens(x, 128, (T + 3) // 4 * 4)
+    per_row = group == n and n != BLOCK
+    _int8_panels(q, _all_scales(scales), per_row, xq, xs, ioff, xsum, out)
+
+
+@njit(**JIT)
 def gemm_int4_tiled(x, qs, scales, mins, out):
     """out (T, rows) = x (T, n) @ W.T for int4 groups of 32 (Int4Weight; symmetric when mins is
     empty) with x quantized per block of 32; n a multiple of 32."""
     T, n = x.shape
-    rows = qs.shape[0]
     has_mins = mins.shape[0] > 0
     xq, xs, ioff, xsum = quantize_tokens(x, 0 if has_mins else 8, (T + 3) // 4 * 4)
-    nb = n // BLOCK
-    for p in prange((rows + LANES - 1) // LANES):
-        r0 = p * LANES
-        panel = np.empty(n // 8 * LANES, np.uint32)
-        ws = np.empty(nb * LANES, np.float32)
-        ms = np.empty(nb * LANES if has_mins else 0, np.float32)
-        tile = np.empty((NT, LANES), np.float32)
-        pack_panel_int4(qs, r0, panel)
-        pack_panel_scales(scales, r0, ws)
-        if has_mins:
-            pack_panel_scales(mins, r0, ms)
-        if has_mins:
-            _panel_int4_mins(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
-        else:
-            _panel_int4(panel, ws, ms, xq, xs, ioff, xsum, out, r0, tile)
+    ws = _all_scales(scales)
+    ms = _all_scales(mins) if has_mins else np.empty((0, 0), np.float32)
+    _int4_panels(qs, ws, ms, xq, xs, ioff, xsum, out)
 
 
 # ------------------------------------------------------------------ references

@@ -135,10 +135,21 @@ def test_quantize_tokens_equals_quantize_act():
     assert not xq[T:].any() and not xs[T:].any() and not ioff[T:].any() and not xsum[T:].any()
 
 
+def test_quantize_tokens_strided_rows():
+    """Activations that are a column slice of a wider array (as models pass them) quantize as
+    their contiguous copy."""
+    wide = _activations(9, 160)
+    got = G.quantize_tokens(wide[:, 32:128], 8, 12)
+    want = G.quantize_tokens(np.ascontiguousarray(wide[:, 32:128]), 8, 12)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow            # compiles the whole gemm_int8_q8 once more for these layouts (~20 s)
 def test_tiled_gemm_strided_arguments():
     """Activations and outputs that are not C-contiguous (a transposed x, an output whose rows are
     strided) take the same values as contiguous ones."""
-    for kind, params in KINDS[1:3]:
+    for kind, params in KINDS[1:2]:          # int8 groups of 32 (the loops are the same for every kind)
         c = _container(kind, params, 96, 37, False)
         x = _activations(19, 96)
         want = _run(c, x, TILED)
