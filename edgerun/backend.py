@@ -223,8 +223,10 @@ class CPUBackend:
         own threads, which spin against ours."""
         out = np.empty((4, *mixed.shape[1:]), np.float32)
         work = mixed.shape[1] * mixed.shape[2] * sum(x.shape[0] for x in m)
-        f = self._wkv.v7_lora if work >= self.WKV_PARALLEL_WORK else self._wkv.v7_lora_serial
-        f(mixed, *m, out)
+        if work >= self.WKV_PARALLEL_WORK:
+            self._wkv.v7_lora(mixed, *m, out)
+        else:
+            self._wkv.v7_lora_span(mixed, 0, mixed.shape[1], *m, out)
         return out
 
     def v6_mix(self, x, prev, p):
@@ -233,8 +235,10 @@ class CPUBackend:
         p = (maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t)."""
         out = np.empty((5, *x.shape), np.float32)
         work = x.size * (p[2].shape[0] + p[5].shape[0]) * 2
-        f = self._wkv.v6_mix if work >= self.WKV_PARALLEL_WORK else self._wkv.v6_mix_serial
-        f(x, prev, *p, out)
+        if work >= self.WKV_PARALLEL_WORK:
+            self._wkv.v6_mix(x, prev, *p, out)
+        else:
+            self._wkv.v6_mix_span(x, prev, *p, 0, x.shape[0], out)
         return out
 
     def group_norm_silu(self, x, gate, groups, weight, bias, eps):

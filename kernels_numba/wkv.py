@@ -259,48 +259,47 @@ def _lora_act(h, nt, act):
                 hi[d] = _sigm(hi[d])
 
 
-@njit(inline="always", fastmath=FASTMATH)
-def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
+@njit(fastmath=FASTMATH, **JIT)
+def lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
     """out[t] = act(x[t] @ down.T) @ up_t for tokens t0 .. t0+nt-1 (nt <= 4): the down projection as
     dot products of four tokens with two rows of ``down`` (D, C) at a time, the up one as rows of
     ``up_t`` (D, C), four at a time, scaled and added to four token rows (one loaded and stored
     per four multiply-adds). Weights float32 or bf16 bits (uint16). act: 0 none, 1 tanh,
-    2 sigmoid.  h (4, D), spare (3, C) scratch."""
+    2 sigmoid.  h (4, D), spare (3, C) scratch.
+
+    A rank D that the steps don't divide takes no remainder loops: the last down step repeats its
+    last row (writing the same sum twice), the last up step adds rows with coefficient 0.  A
+    compiled function of its own, called per block of four tokens: inlined into each caller (four
+    projections of v7, two of v6, in a parallel and a serial kernel, for two weight dtypes) it
+    made the first run compile for minutes; the call costs nothing measurable."""
     D = down.shape[0]
     if nt == 1:                                   # decode: one token, no wasted lanes
         xt, ot, ht = x[t0], out[t0], h[0]
-        for d in range(0, D - D % 2, 2):
-            da, db = down[d], down[d + 1]
+        for d in range(0, D, 2):
+            d1 = min(d + 1, D - 1)
+            da, db = down[d], down[d1]
             s0 = np.float32(0.0)
             s1 = np.float32(0.0)
             for c in range(da.shape[0]):
                 s0 += xt[c] * _wf(da[c])
                 s1 += xt[c] * _wf(db[c])
-            ht[d], ht[d + 1] = s0, s1
-        for d in range(D - D % 2, D):
-            dd = down[d]
-            s0 = np.float32(0.0)
-            for c in range(dd.shape[0]):
-                s0 += xt[c] * _wf(dd[c])
-            ht[d] = s0
+            ht[d], ht[d1] = s0, s1
         _lora_act(h, 1, act)
         for c in range(ot.shape[0]):
             ot[c] = 0.0
-        D4 = D - D % 4
-        for d in range(0, D4, 4):
-            ua, ub, uc, ud = up_t[d], up_t[d + 1], up_t[d + 2], up_t[d + 3]
-            h0, h1, h2, h3 = ht[d], ht[d + 1], ht[d + 2], ht[d + 3]
+        for d in range(0, D, 4):
+            ua, ub, uc, ud = up_t[d], up_t[min(d + 1, D - 1)], up_t[min(d + 2, D - 1)], up_t[min(d + 3, D - 1)]
+            h0 = ht[d]
+            h1 = ht[d + 1] if d + 1 < D else np.float32(0.0)
+            h2 = ht[d + 2] if d + 2 < D else np.float32(0.0)
+            h3 = ht[d + 3] if d + 3 < D else np.float32(0.0)
             for c in range(ua.shape[0]):
                 ot[c] += h0 * _wf(ua[c]) + h1 * _wf(ub[c]) + h2 * _wf(uc[c]) + h3 * _wf(ud[c])
-        for d in range(D4, D):
-            ud, hd = up_t[d], ht[d]
-            for c in range(ud.shape[0]):
-                ot[c] += hd * _wf(ud[c])
         return
     x0, x1, x2, x3 = x[t0], x[t0 + min(1, nt - 1)], x[t0 + min(2, nt - 1)], x[t0 + min(3, nt - 1)]
-    D2 = D - D % 2
-    for d in range(0, D2, 2):
-        da, db = down[d], down[d + 1]
+    for d in range(0, D, 2):
+        d1 = min(d + 1, D - 1)
+        da, db = down[d], down[d1]
         s0 = np.float32(0.0)
         s1 = np.float32(0.0)
         s2 = np.float32(0.0)
@@ -320,20 +319,7 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
             q2 += x2[c] * wb
             q3 += x3[c] * wb
         h[0, d], h[1, d], h[2, d], h[3, d] = s0, s1, s2, s3
-        h[0, d + 1], h[1, d + 1], h[2, d + 1], h[3, d + 1] = q0, q1, q2, q3
-    for d in range(D2, D):
-        dd = down[d]
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
-        for c in range(dd.shape[0]):
-            w = _wf(dd[c])
-            s0 += x0[c] * w
-            s1 += x1[c] * w
-            s2 += x2[c] * w
-            s3 += x3[c] * w
-        h[0, d], h[1, d], h[2, d], h[3, d] = s0, s1, s2, s3
+        h[0, d1], h[1, d1], h[2, d1], h[3, d1] = q0, q1, q2, q3
     _lora_act(h, nt, act)
     # a short chunk (nt < 4) sends its unused lanes to scratch rows
     o0 = out[t0]
@@ -345,42 +331,37 @@ def _lora_rows(x, t0, nt, down, up_t, act, h, spare, out):
         o1[c] = 0.0
         o2[c] = 0.0
         o3[c] = 0.0
-    D4 = D - D % 4
-    for d in range(0, D4, 4):
-        ua, ub, uc, ud = up_t[d], up_t[d + 1], up_t[d + 2], up_t[d + 3]
+    for d in range(0, D, 4):
+        ua, ub, uc, ud = up_t[d], up_t[min(d + 1, D - 1)], up_t[min(d + 2, D - 1)], up_t[min(d + 3, D - 1)]
         a0, a1, a2, a3 = h[0, d], h[1, d], h[2, d], h[3, d]
-        b0, b1, b2, b3 = h[0, d + 1], h[1, d + 1], h[2, d + 1], h[3, d + 1]
-        c0, c1, c2, c3 = h[0, d + 2], h[1, d + 2], h[2, d + 2], h[3, d + 2]
-        e0, e1, e2, e3 = h[0, d + 3], h[1, d + 3], h[2, d + 3], h[3, d + 3]
+        b0 = b1 = b2 = b3 = c0 = c1 = c2 = c3 = e0 = e1 = e2 = e3 = np.float32(0.0)
+        if d + 1 < D:
+            b0, b1, b2, b3 = h[0, d + 1], h[1, d + 1], h[2, d + 1], h[3, d + 1]
+        if d + 2 < D:
+            c0, c1, c2, c3 = h[0, d + 2], h[1, d + 2], h[2, d + 2], h[3, d + 2]
+        if d + 3 < D:
+            e0, e1, e2, e3 = h[0, d + 3], h[1, d + 3], h[2, d + 3], h[3, d + 3]
         for c in range(ua.shape[0]):
             wa, wb, wc, wd = _wf(ua[c]), _wf(ub[c]), _wf(uc[c]), _wf(ud[c])
             o0[c] += a0 * wa + b0 * wb + c0 * wc + e0 * wd
             o1[c] += a1 * wa + b1 * wb + c1 * wc + e1 * wd
             o2[c] += a2 * wa + b2 * wb + c2 * wc + e2 * wd
             o3[c] += a3 * wa + b3 * wb + c3 * wc + e3 * wd
-    for d in range(D4, D):
-        ud = up_t[d]
-        a0, a1, a2, a3 = h[0, d], h[1, d], h[2, d], h[3, d]
-        for c in range(ud.shape[0]):
-            w = _wf(ud[c])
-            o0[c] += a0 * w
-            o1[c] += a1 * w
-            o2[c] += a2 * w
-            o3[c] += a3 * w
 
 
-@njit(inline="always", fastmath=FASTMATH)
-def _v7_lora_span(mixed, t_lo, t_hi, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
+@njit(fastmath=FASTMATH, **JIT)
+def v7_lora_span(mixed, t_lo, t_hi, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
+    """v7_lora for tokens t_lo .. t_hi-1 on the calling thread (decode, short prompts)."""
     D = max(w1.shape[0], a1.shape[0], v1.shape[0], g1.shape[0])
     h = np.empty((4, D), np.float32)
     spare = np.empty((3, out.shape[2]), np.float32)
     for t0 in range(t_lo, t_hi, 4):
         nt = min(4, t_hi - t0)
-        _lora_rows(mixed[1], t0, nt, w1, w2t, 1, h, spare, out[0])           # decay:  tanh(xw w1) w2
-        _lora_rows(mixed[4], t0, nt, a1, a2t, 0, h, spare, out[1])           # iclr:   xa a1 a2
+        lora_rows(mixed[1], t0, nt, w1, w2t, 1, h, spare, out[0])           # decay:  tanh(xw w1) w2
+        lora_rows(mixed[4], t0, nt, a1, a2t, 0, h, spare, out[1])           # iclr:   xa a1 a2
         if v1.shape[0] > 0:
-            _lora_rows(mixed[3], t0, nt, v1, v2t, 0, h, spare, out[2])       # value residual: xv v1 v2
-        _lora_rows(mixed[5], t0, nt, g1, g2t, 2, h, spare, out[3])           # gate:   sigmoid(xg g1) g2
+            lora_rows(mixed[3], t0, nt, v1, v2t, 0, h, spare, out[2])       # value residual: xv v1 v2
+        lora_rows(mixed[5], t0, nt, g1, g2t, 2, h, spare, out[3])           # gate:   sigmoid(xg g1) g2
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
@@ -389,22 +370,19 @@ def v7_lora(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
     out[1] = xa a1 a2, out[2] = xv v1 v2 (left alone when v1 has no rows: layer 0),
     out[3] = sigmoid(xg g1) g2.  mixed (6, T, C): shift_mix's xr, xw, xk, xv, xa, xg;
     w1, a1, v1, g1 (D, C) as stored (out, in); w2t, a2t, v2t, g2t (D, C) the up matrices
-    transposed; out (4, T, C).  Tokens split in spans of 32 over the threads."""
+    transposed; out (4, T, C).  Tokens split in spans of 32 over the threads (v7_lora_span
+    runs one span on the calling thread)."""
     T = mixed.shape[1]
     span = 32
     for p in prange((T + span - 1) // span):
-        _v7_lora_span(mixed, p * span, min(T, (p + 1) * span), w1, w2t, a1, a2t, v1, v2t, g1, g2t, out)
-
-
-@njit(fastmath=FASTMATH, **JIT)
-def v7_lora_serial(mixed, w1, w2t, a1, a2t, v1, v2t, g1, g2t, out):
-    _v7_lora_span(mixed, 0, mixed.shape[1], w1, w2t, a1, a2t, v1, v2t, g1, g2t, out)
+        v7_lora_span(mixed, p * span, min(T, (p + 1) * span), w1, w2t, a1, a2t, v1, v2t, g1, g2t, out)
 
 
 # ------------------------------------------------------------------ v6 data-dependent mixing
 
-@njit(inline="always", fastmath=FASTMATH)
-def _v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, t_lo, t_hi, out):
+@njit(fastmath=FASTMATH, **JIT)
+def v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, t_lo, t_hi, out):
+    """v6_mix for tokens t_lo .. t_hi-1 on the calling thread (decode, short prompts)."""
     T, C = x.shape
     M, D = maa_w2.shape[0], maa_w2.shape[1]
     n = t_hi - t_lo
@@ -419,7 +397,7 @@ def _v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t
     for m in range(M):                            # out[m] = tanh(base maa_w1[m]) maa_w2[m], then the lerp
         om = out[m]
         for t0 in range(0, n, 4):
-            _lora_rows(base, t0, min(4, n - t0), maa_w1[m * D:(m + 1) * D], maa_w2[m], 1, h, spare,
+            lora_rows(base, t0, min(4, n - t0), maa_w1[m * D:(m + 1) * D], maa_w2[m], 1, h, spare,
                        om[t_lo:t_hi])
         mm = maa[m]
         for t in range(t_lo, t_hi):
@@ -433,7 +411,7 @@ def _v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t
     wblk = np.empty((4, C), np.float32)
     for t0 in range(t_lo, t_hi, 4):
         nt = min(4, t_hi - t0)
-        _lora_rows(o0[t0:t0 + nt], 0, nt, decay_w1, decay_w2t, 1, h, spare, wblk)
+        lora_rows(o0[t0:t0 + nt], 0, nt, decay_w1, decay_w2t, 1, h, spare, wblk)
         for i in range(nt):
             wi, ot = wblk[i], o0[t0 + i]
             for c in range(C):
@@ -448,17 +426,13 @@ def v6_mix(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, out)
         out[0] = exp(-exp(decay + tanh(out[0] decay_w1) decay_w2))    (the per-step decay, in place of xw)
     x (T, C); prev (C,) the previous call's last row; maa_x (C,); maa (5, C); maa_w1 (5 D, C) and
     decay_w1 (Dd, C) as stored (out, in); maa_w2 (5, D, C); decay_w2t (Dd, C) the transposed up
-    matrix; out (5, T, C).  Tokens split in spans of 32 over the threads."""
+    matrix; out (5, T, C).  Tokens split in spans of 32 over the threads (v6_mix_span runs one
+    span on the calling thread)."""
     T = x.shape[0]
     span = 32
     for p in prange((T + span - 1) // span):
-        _v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, p * span,
-                     min(T, (p + 1) * span), out)
-
-
-@njit(fastmath=FASTMATH, **JIT)
-def v6_mix_serial(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, out):
-    _v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, 0, x.shape[0], out)
+        v6_mix_span(x, prev, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2t, p * span,
+                    min(T, (p + 1) * span), out)
 
 
 @njit(fastmath=FASTMATH, **JIT)

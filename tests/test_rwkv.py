@@ -434,14 +434,16 @@ def _bf16_bits(a):
 
 def _check_v7_lora(mixed, m, T, C, layer0):
     want = wkv.v7_lora_ref(mixed, *m)
-    for f in (wkv.v7_lora, wkv.v7_lora_serial):
+    runs = {"v7_lora": lambda out: wkv.v7_lora(mixed, *m, out),
+            "v7_lora_span": lambda out: wkv.v7_lora_span(mixed, 0, T, *m, out)}
+    for name, run in runs.items():
         out = np.full((4, T, C), 7.0, np.float32)
-        f(mixed, *m, out)
+        run(out)
         if layer0:                                                          # out[2] is left alone
             assert (out[2] == 7.0).all()
             out[2] = 0
         err = np.abs(out - want).max()
-        assert err < 1e-5 * max(1.0, np.abs(want).max()), f"{f.__name__}: max err {err:.3g}"
+        assert err < 1e-5 * max(1.0, np.abs(want).max()), f"{name}: max err {err:.3g}"
 
 
 @pytest.mark.parametrize("T,C,D,Dd", [(1, 33, 5, 3), (4, 8, 2, 4), (37, 20, 3, 6)])
@@ -455,11 +457,13 @@ def test_v6_mix_kernel(T, C, D, Dd):
     pb = p[:2] + (_bf16_bits(p[2]), _bf16_bits(p[3]), p[4], _bf16_bits(p[5]), _bf16_bits(p[6]))
     for args in (p, pb):                             # float32 LoRA weights, and bf16 bits
         want = wkv.v6_mix_ref(x, prev, *args)
-        for f in (wkv.v6_mix, wkv.v6_mix_serial):
+        runs = {"v6_mix": lambda out: wkv.v6_mix(x, prev, *args, out),
+                "v6_mix_span": lambda out: wkv.v6_mix_span(x, prev, *args, 0, T, out)}
+        for name, run in runs.items():
             out = np.empty((5, T, C), np.float32)
-            f(x, prev, *args, out)
+            run(out)
             err = np.abs(out - want).max()
-            assert err < 2e-6 * max(1.0, np.abs(want).max()), f"{f.__name__}: max err {err:.3g}"
+            assert err < 2e-6 * max(1.0, np.abs(want).max()), f"{name}: max err {err:.3g}"
 
 
 @pytest.mark.parametrize("T,C,G", [(1, 7, 1), (5, 96, 8), (3, 130, 13)])

@@ -65,6 +65,12 @@ class ModelArgs:
         return self.hidden_size // self.head_size if self.head_size else 0
 
 
+def _own(x) -> np.ndarray:
+    """A writable float32 C copy of a (small) parameter: kernels compile once per argument type, and
+    a read-only view of the file mapping would be another type than the arrays made here."""
+    return np.array(x, np.float32, order="C")
+
+
 def _sigmoid(x):
     return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
 
@@ -94,7 +100,7 @@ class TimeMix:
             # BlinkDL: x*mix + sx*(1-mix) == x + (sx-x)*(1-mix)
             self.mix = np.stack([1.0 - w[p + n] for n in names]).astype(np.float32)      # (M, C)
         if v == "4":
-            self.u = np.asarray(w[p + "time_first"], np.float32)
+            self.u = _own(w[p + "time_first"])
             self.w = (-np.exp(w[p + "time_decay"].astype(np.float64))).astype(np.float32)
         elif v in ("5", "5.1", "5.2"):
             N = args.head_size
@@ -102,11 +108,11 @@ class TimeMix:
             self.u = np.repeat(np.asarray(w[p + "time_faaaa"], np.float32), rep)
             self.w = np.exp(-np.exp(np.repeat(w[p + "time_decay"].astype(np.float64), rep))).astype(np.float32)
         elif v == "6":
-            self.u = np.asarray(w[p + "time_faaaa"], np.float32)
-            self.maa_x = np.asarray(w[p + "time_maa_x"], np.float32)
+            self.u = _own(w[p + "time_faaaa"])
+            self.maa_x = _own(w[p + "time_maa_x"])
             self.maa = np.stack([w[p + f"time_maa_{n}"] for n in "wkvrg"]).astype(np.float32)   # (5, C)
             self.maa_w1, self.maa_w2 = _lora(w[p + "time_maa_w1"]), w[p + "time_maa_w2"]  # (5D, C) ; (5, D, C)
-            self.decay = np.asarray(w[p + "time_decay"], np.float32)
+            self.decay = _own(w[p + "time_decay"])
             self.decay_w1, self.decay_w2 = _lora(w[p + "time_decay_w1"]), _lora(w[p + "time_decay_w2"])
             self.mix6 = _v6_mix_params(w, p, self.maa_x, self.maa, self.decay)
         elif v == "7":
@@ -117,9 +123,9 @@ class TimeMix:
             self.v0 = w.get(p + "v0")
             self.v1, self.v2 = (w.get(p + n) for n in ("v1", "v2"))
         if v != "4":
-            self.lnx_w, self.lnx_b = w[p + "ln_x.weight"], w[p + "ln_x.bias"]
+            self.lnx_w, self.lnx_b = _own(w[p + "ln_x.weight"]), _own(w[p + "ln_x.bias"])
         if v == "7":
-            self.tail_params = tuple(np.ascontiguousarray(x, np.float32) for x in (
+            self.tail_params = tuple(_own(x) for x in (
                 self.w0, self.a0, self.v0 if self.v0 is not None else np.zeros(C, np.float32),
                 self.k_k, self.k_a, self.r_k, self.lnx_w, self.lnx_b))
             self.lora = _v7_lora_params(w, p, C, with_v=i > 0)
@@ -143,7 +149,8 @@ class TimeMix:
                 out = ops.linear(_sigmoid(r) * y, self.o)
             else:
                 T = xx.shape[0]
-                w = np.broadcast_to(self.w, (T, a.hidden_size))
+                w = np.empty((T, a.hidden_size), np.float32)
+                w[:] = self.w
                 y = ops.wkv6(r, k, v, w, self.u, state["wkv"][i])
                 y = ops.group_norm(y, a.n_heads, self.lnx_w, self.lnx_b, a.lnx_eps)
                 if self.g is not None:
@@ -213,7 +220,7 @@ def _v6_mix_params(w: dict, p: str, maa_x, maa, decay):
         return isinstance(x, np.ndarray) and x.dtype == np.float32 or getattr(x, "dtype", None) == "f32"
     if not all(dense(x) for x in (m1, m2, d1, d2)):
         return None
-    f = lambda x: np.ascontiguousarray(np.asarray(getattr(x, "w", x), np.float32))      # noqa: E731
+    f = lambda x: _own(getattr(x, "w", x))                                              # noqa: E731
     lora = _bf16_all([f(m1), f(m2), f(d1), np.ascontiguousarray(f(d2).T)])
     return (f(maa_x), f(maa), lora[0], lora[1], f(decay), lora[2], lora[3])
 
@@ -238,7 +245,7 @@ def _v7_lora_params(w: dict, p: str, C: int, with_v: bool):
         down, up = w[p + n + "1"], w[p + n + "2"]
         if getattr(down, "dtype", None) != "f32" or getattr(up, "dtype", None) != "f32":
             return None
-        out += [np.ascontiguousarray(np.asarray(down.w)), np.ascontiguousarray(np.asarray(up.w).T)]
+        out += [_own(down.w), _own(np.asarray(up.w).T)]
     return tuple(_bf16_all(out))
 
 
@@ -250,7 +257,7 @@ class ChannelMix:
         self.r = w.get(p + "receptance.weight")
         ver = args.version
         if ver == "7":
-            self.mix = np.asarray(w[p + "x_k"], np.float32)[None]                       # (1, C)
+            self.mix = _own(w[p + "x_k"])[None]                                  # (1, C)
         elif ver == "6":
             self.mix = np.stack([w[p + "time_maa_k"], w[p + "time_maa_r"]]).astype(np.float32)
         else:
@@ -274,8 +281,8 @@ class Block:
     def __init__(self, args, w, i, ops):
         p = f"blocks.{i}."
         self.ops, self.eps = ops, args.layer_norm_epsilon
-        self.ln1 = (w[p + "ln1.weight"], w[p + "ln1.bias"])
-        self.ln2 = (w[p + "ln2.weight"], w[p + "ln2.bias"])
+        self.ln1 = (_own(w[p + "ln1.weight"]), _own(w[p + "ln1.bias"]))
+        self.ln2 = (_own(w[p + "ln2.weight"]), _own(w[p + "ln2.bias"]))
         self.att = TimeMix(args, w, i, ops)
         self.ffn = ChannelMix(args, w, i, ops)
 
@@ -294,9 +301,9 @@ class Model:
         self.args, self.ops = args, ops
         w = weights
         self.emb = w["emb.weight"]
-        self.ln0 = (w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"])
+        self.ln0 = (_own(w["blocks.0.ln0.weight"]), _own(w["blocks.0.ln0.bias"]))
         self.layers = [Block(args, w, i, ops) for i in range(args.num_hidden_layers)]
-        self.ln_out = (w["ln_out.weight"], w["ln_out.bias"])
+        self.ln_out = (_own(w["ln_out.weight"]), _own(w["ln_out.bias"]))
         self.head = w["head.weight"]
 
     @property
