@@ -13,6 +13,11 @@ rounds, every runtime once per round), and edgerun / llama.cpp ratios.
 --long: one greedy generation of --tokens tokens one at a time; the process's resident memory
 (all of it, and its anonymous part: memory-mapped weights excluded) at tokens 100, 1,000 and the
 end, and the mean time per token of the first and the last thousand.
+--dispatch: calls from Python into compiled code per decode token, and decode ms per token (wall
+and CPU), with the one-call-per-layer decode (CPUBackend.rwkv_layer_step) and op by op,
+interleaved (medians of --repeats rounds of the decode tokens).
+
+    python benchmarks/rwkv_bench.py --dispatch --versions 7 6 --threads 1 --repeats 5
 """
 from __future__ import annotations
 
@@ -301,6 +306,88 @@ def long(a):
             print(json.dumps(row), flush=True)
 
 
+class _Counting:
+    """A kernel module seen through a proxy that counts the calls made through it."""
+
+    def __init__(self, module, count):
+        self._module, self._count = module, count
+
+    def __getattr__(self, name):
+        f = getattr(self._module, name)
+
+        def counted(*args, **kw):
+            self._count[0] += 1
+            return f(*args, **kw)
+        return counted
+
+
+def count_calls(m) -> int:
+    """Calls from Python into compiled code in one decode step: every kernel the backend calls
+    through its modules, one per fused layer."""
+    from edgerun.kernels_numba import wkv
+    ops, count = m.ops, [0]
+    cls = type(ops)
+    saved = {name: getattr(ops, name) for name in ("_lin", "_ops")}
+    saved_wkv, saved_step = cls._wkv, cls.rwkv_layer_step
+
+    def step(self, *args, **kw):
+        count[0] += 1
+        return saved_step(self, *args, **kw)
+    try:
+        for name, mod in saved.items():
+            setattr(ops, name, _Counting(mod, count))
+        cls._wkv = property(lambda self: _Counting(wkv, count))
+        cls.rwkv_layer_step = step
+        st = m.new_state()
+        m.step(st, [5, 6])
+        count[0] = 0
+        m.step(st, [7], last_only=True)
+    finally:
+        for name, mod in saved.items():
+            setattr(ops, name, mod)
+        cls._wkv, cls.rwkv_layer_step = saved_wkv, saved_step
+    return count[0]
+
+
+def dispatch(a):
+    import edgerun
+    rng = np.random.default_rng(0)
+    prompt = [int(i) for i in rng.integers(1, V - 1, 16)]
+    dec = [int(i) for i in rng.integers(1, V - 1, 48)]
+    for v in a.versions:
+        pth = checkpoint(v, a)
+        for q in a.quants:
+            fused = edgerun.load(edgerun_file(v, q, pth, a), threads=a.threads)
+            plain = edgerun.load(edgerun_file(v, q, pth, a), threads=a.threads)
+            plain.model.decode_plans = None
+            row = {"bench": "rwkv_dispatch", "version": v, "quant": q, "threads": a.threads,
+                   "fused_layers": fused.model.decode_plans is not None,
+                   "calls_per_token": {"fused": count_calls(fused), "op_by_op": count_calls(plain)}}
+
+            def run(m):
+                st = m.new_state()
+                m.step(st, prompt, last_only=True)
+                wall, cpu = [], []
+                for t in dec:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    m.step(st, [t], last_only=True)
+                    wall.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
+                return float(np.median(wall)) * 1e3, float(np.median(cpu)) * 1e3
+            runs = {"fused": [], "op_by_op": []}
+            run(fused), run(plain)                                        # warm-up: compile
+            for _ in range(a.repeats):
+                runs["fused"].append(run(fused))
+                runs["op_by_op"].append(run(plain))
+            for k, rs in runs.items():
+                rs = np.array(rs)
+                row[k] = {"decode_ms": round(float(np.median(rs[:, 0])), 3),
+                          "decode_cpu_ms": round(float(np.median(rs[:, 1])), 3),
+                          "decode_ms_runs": [round(x, 3) for x in rs[:, 0]]}
+            row["op_by_op_over_fused_cpu"] = round(row["op_by_op"]["decode_cpu_ms"] / row["fused"]["decode_cpu_ms"], 3)
+            print(json.dumps(row), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--versions", nargs="+", default=["7", "6"])
@@ -312,10 +399,14 @@ def main():
     ap.add_argument("--no-blinkdl", action="store_true", help="leave BlinkDL's package out")
     ap.add_argument("--long", action="store_true", help="constant-memory run instead of the speed table")
     ap.add_argument("--tokens", type=int, default=10000, help="--long: tokens to generate")
+    ap.add_argument("--dispatch", action="store_true", help="calls into compiled code per token, fused vs op by op")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     if a.long:
         long(a)
+        return
+    if a.dispatch:
+        dispatch(a)
         return
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(1, V - 1, 256)]

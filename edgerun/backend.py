@@ -247,6 +247,57 @@ class CPUBackend:
         self._wkv.group_norm_silu(x, gate, int(groups), weight, bias, float(eps), out)
         return out
 
+    def prepare_rwkv_layer(self, version: str, *, ln, eps, att, ffn_mix, mats):
+        """An RWKV-6/7 layer -> a plan for rwkv_layer_step (one compiled call a layer per decode
+        token: kernels_numba/wkv.py rwkv7_layer_decode / rwkv6_layer_decode), its scratch allocated
+        once; None when the layer can't go fused (act_quant off, a matrix not int8 or int4 with
+        groups of 32): then the model goes op by op.
+        ln = (ln1 w, b, ln2 w, b); ffn_mix (1 or 2, C): the channel mix's lerps;
+        "7": att = (mix (6, C), lora (8), tail (8), lnx_eps), mats = (r, k, v, o, ffn key, ffn value);
+        "6": att = (mix6 (7), u, lnx_w, lnx_b, heads, lnx_eps), mats = (r, k, v, g, o, ffn key,
+        ffn receptance, ffn value)."""
+        from edgerun.kernels_numba import fused
+        if not self.act_quant:
+            return None
+        rows = [fused.rows_of(w) for w in mats]
+        if not all(isinstance(r, (Int8Weight, fused.Int4G32Rows)) for r in rows):
+            return None
+        C, F = ln[0].shape[0], rows[-1].q.shape[1] if isinstance(rows[-1], Int8Weight) else rows[-1].qs.shape[1] * 2
+
+        def act(n, consumer):            # quad-order copy only for an int4 consumer
+            return fused.activations(n, False, isinstance(consumer, fused.Int4G32Rows))
+
+        f32, ln = np.float32, tuple(ln)
+        if version == "7":
+            mix, lora, tail, lnx_eps = att
+            wr, wk, wv, wo, wfk, wfv = rows
+            p = (ln, float(eps), mix, tuple(lora), tuple(tail), float(lnx_eps), ffn_mix)
+            sc = (np.empty((1, C), f32), np.empty((6, 1, C), f32), np.empty((3, 1, C), f32), np.empty((4, 1, C), f32),
+                  np.empty((1, C), f32), np.empty((1, 1, C), f32), np.empty(F, f32), np.zeros((0, 0), f32),
+                  act(C, wr), act(C, wk), act(C, wv), act(C, wo), act(C, wfk), act(F, wfv))
+            return _LayerPlan(self._wkv.rwkv7_layer_decode, None, (p, *rows), sc)
+        mix6, u, lnx_w, lnx_b, heads, lnx_eps = att
+        wr, wk, wv, wg, wo, wfk, wfr, wfv = rows
+        p = (ln, float(eps), tuple(mix6), u, lnx_w, lnx_b, int(heads), float(lnx_eps), ffn_mix)
+        sc = (np.empty((1, C), f32), np.empty((5, 1, C), f32), np.empty((4, 1, C), f32), np.empty((1, C), f32),
+              np.empty((1, C), f32), np.empty((2, 1, C), f32), np.empty(F, f32), np.empty(C, f32),
+              act(C, wr), act(C, wk), act(C, wv), act(C, wg), act(C, wo), act(C, wfk), act(C, wfr), act(F, wfv))
+        return _LayerPlan(self._wkv.rwkv6_layer_decode, None, (p, *rows), sc)
+
+    def rwkv_layer_step(self, plan, x, state, layer, vfirst):
+        """x (1, C) through one RWKV layer in one compiled call (in place), with the layer's state;
+        vfirst (1, C): RWKV-7's value of layer 0, written there by layer 0 (unused by v6)."""
+        s, ap, fp = state["wkv"][layer], state["att_x"][layer], state["ffn_x"][layer]
+        args = (x, s, ap, fp, vfirst, layer == 0, *plan.head, plan.tail)
+        if plan.entry is None:
+            plan.fn(*args)
+            # later calls go straight to the compiled entry point (see decoder_layer_step)
+            from numba import typeof
+            plan.entry = plan.fn.overloads[tuple(typeof(a) for a in args)].entry_point
+        else:
+            plan.entry(*args)
+        return x
+
 
     # ---- state-space models (kernels_numba/ssm.py): states are updated in place; with ``out``
     # given nothing is allocated, so a decode loop runs in constant memory

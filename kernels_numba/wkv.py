@@ -5,6 +5,7 @@ and updates the state in place: T == 1 is the decode step, T > 1 prefill, one co
 either way. Channels (v4) or heads (v5-v7) are independent: ``wkv*`` splits them across
 threads, ``wkv*_serial`` (the same loop body) runs them on one, for decode steps too small to
 pay for waking threads. Norms and the token shift are cheap and always serial.
+rwkv7_layer_decode / rwkv6_layer_decode run a whole layer for one token in one call (decode).
 
 State layouts (float32, owned by edgerun.cache.RecurrentState):
     v4     aa, bb, pp (C,)        numerator, denominator and their shared exponent; bb == 0
@@ -20,6 +21,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ._common import FASTMATH, JIT
+from .fused import quantize_both, row_dot
 from .ssm import _bits_as_f32, fast_exp
 
 # numpy's error model: a float division is not checked for zero, so loops holding one vectorise
@@ -454,6 +456,133 @@ def group_norm_silu(x, gate, groups, weight, bias, eps, out):
             inv = np.float32(1.0) / np.sqrt(var / n + np.float32(eps))
             for j in range(n):
                 og[j] = ((xg[j] - m) * inv * wg[j] + bg[j]) * gg[j] * _sigm(gg[j])
+
+
+# ------------------------------------------------------------------ one-token layer steps (decode)
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def rwkv7_layer_decode(x, s, att_prev, ffn_prev, vfirst, first, p, wr, wk, wv, wo, wfk, wfv, sc):
+    """One token through one RWKV-7 layer in one compiled call; x (1, C) updated in place.
+
+    The same ops as the model's op-by-op path (layer_norm, shift_mix, the r/k/v rows, v7_lora_span,
+    v7_tail_serial, the output rows, the channel mix), with each matrix's activations quantized
+    once (fused.quantize_both) and rows taken by fused.row_dot; residuals added as the output and
+    value rows are stored.  s (H, N, N), att_prev, ffn_prev (C,): the layer's state.  vfirst (1, C):
+    layer 0 (first) writes its v there, later layers mix it in.  p: (ln (ln1 w, b, ln2 w, b), eps,
+    mix (6, C), lora (v7_lora's 8), tail (v7_tail's 8), lnx_eps, ffn_mix (1, C)).  wr, wk, wv, wo,
+    wfk (ffn key), wfv (ffn value): row containers (fused.rows_of), arguments of their own (Numba's
+    parfor lowering finds a named tuple used in a prange only as an argument).  sc: scratch
+    (CPUBackend.prepare_rwkv_layer)."""
+    ln, eps, mix, lora, tail, lnx_eps, ffn_mix = p
+    xx, mixed, rkv, lout, y, mixed2, hid, empty, act_r, act_k, act_v, act_y, act_f, act_h = sc
+    C = x.shape[1]
+    xrow = x[0]
+    # ---- time mixing
+    layer_norm(x, ln[0], ln[1], eps, xx)
+    shift_mix(xx, att_prev, mix, mixed)                     # xr, xw, xk, xv, xa, xg
+    att_prev[:] = xx[0]
+    # views one per statement: a tuple assignment of four views left one unwritten in a prange
+    # below (Numba 0.68 parfor lowering; see tests/test_rwkv.py test_fused_decode_equals_op_by_op)
+    xr = mixed[0, 0]
+    xk = mixed[2, 0]
+    xv = mixed[3, 0]
+    quantize_both(xr, act_r)
+    quantize_both(xk, act_k)
+    quantize_both(xv, act_v)
+    rr = rkv[0, 0]
+    kr = rkv[1, 0]
+    vr = rkv[2, 0]
+    for i in prange(3 * C):
+        if i < C:
+            rr[i] = row_dot(wr, i, xr, act_r)
+        elif i < 2 * C:
+            kr[i - C] = row_dot(wk, i - C, xk, act_k)
+        else:
+            vr[i - 2 * C] = row_dot(wv, i - 2 * C, xv, act_v)
+    v7_lora_span(mixed, 0, 1, lora[0], lora[1], lora[2], lora[3], lora[4], lora[5], lora[6], lora[7], lout)
+    if first:
+        v7_tail_serial(rkv[0], lout[0], rkv[1], rkv[2], lout[1], empty, empty, lout[3], tail[0], tail[1],
+                       tail[2], tail[3], tail[4], tail[5], tail[6], tail[7], lnx_eps, s, y)
+        vfirst[0, :] = vr
+    else:
+        v7_tail_serial(rkv[0], lout[0], rkv[1], rkv[2], lout[1], lout[2], vfirst, lout[3], tail[0], tail[1],
+                       tail[2], tail[3], tail[4], tail[5], tail[6], tail[7], lnx_eps, s, y)
+    yr = y[0]
+    quantize_both(yr, act_y)
+    for i in prange(C):
+        xrow[i] += row_dot(wo, i, yr, act_y)
+    # ---- channel mixing: relu(k)^2 rows, then the value rows
+    layer_norm(x, ln[2], ln[3], eps, xx)
+    shift_mix(xx, ffn_prev, ffn_mix, mixed2)
+    ffn_prev[:] = xx[0]
+    xf = mixed2[0, 0]
+    quantize_both(xf, act_f)
+    for i in prange(hid.shape[0]):
+        t = max(row_dot(wfk, i, xf, act_f), np.float32(0.0))
+        hid[i] = t * t
+    quantize_both(hid, act_h)
+    for i in prange(C):
+        xrow[i] += row_dot(wfv, i, hid, act_h)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def rwkv6_layer_decode(x, s, att_prev, ffn_prev, vfirst, first, p, wr, wk, wv, wg, wo, wfk, wfr, wfv, sc):
+    """One token through one RWKV-6 layer in one compiled call (as rwkv7_layer_decode); x (1, C)
+    updated in place; vfirst and first unused (the arguments of both versions are the same).  p: (ln, eps, mix6 (v6_mix's 7), u (C,), lnx_w, lnx_b, heads, lnx_eps,
+    ffn_mix (2, C)); the matrices' row containers; sc: scratch (CPUBackend.prepare_rwkv_layer)."""
+    ln, eps, m6, u, lnx_w, lnx_b, heads, lnx_eps, ffn_mix = p
+    xx, m5, rkvg, y, yg, mixed2, hid, rf, act_r, act_k, act_v, act_g, act_y, act_f, act_fr, act_h = sc
+    C = x.shape[1]
+    F = hid.shape[0]
+    xrow = x[0]
+    # ---- time mixing
+    layer_norm(x, ln[0], ln[1], eps, xx)
+    v6_mix_span(xx, att_prev, m6[0], m6[1], m6[2], m6[3], m6[4], m6[5], m6[6], 0, 1, m5)  # w, xk, xv, xr, xg
+    att_prev[:] = xx[0]
+    xk = m5[1, 0]                               # views one per statement (see rwkv7_layer_decode)
+    xv = m5[2, 0]
+    xr = m5[3, 0]
+    xg = m5[4, 0]
+    quantize_both(xr, act_r)
+    quantize_both(xk, act_k)
+    quantize_both(xv, act_v)
+    quantize_both(xg, act_g)
+    rr = rkvg[0, 0]
+    kr = rkvg[1, 0]
+    vr = rkvg[2, 0]
+    gr = rkvg[3, 0]
+    for i in prange(4 * C):
+        if i < C:
+            rr[i] = row_dot(wr, i, xr, act_r)
+        elif i < 2 * C:
+            kr[i - C] = row_dot(wk, i - C, xk, act_k)
+        elif i < 3 * C:
+            vr[i - 2 * C] = row_dot(wv, i - 2 * C, xv, act_v)
+        else:
+            gr[i - 3 * C] = row_dot(wg, i - 3 * C, xg, act_g)
+    wkv6_serial(rkvg[0], rkvg[1], rkvg[2], m5[0], u, s, y)
+    group_norm_silu(y, rkvg[3], heads, lnx_w, lnx_b, lnx_eps, yg)
+    ygr = yg[0]
+    quantize_both(ygr, act_y)
+    for i in prange(C):
+        xrow[i] += row_dot(wo, i, ygr, act_y)
+    # ---- channel mixing: relu(k)^2 and r rows together, then the value rows gated by sigmoid(r)
+    layer_norm(x, ln[2], ln[3], eps, xx)
+    shift_mix(xx, ffn_prev, ffn_mix, mixed2)
+    ffn_prev[:] = xx[0]
+    xf = mixed2[0, 0]
+    xfr = mixed2[1, 0]
+    quantize_both(xf, act_f)
+    quantize_both(xfr, act_fr)
+    for i in prange(F + C):
+        if i < F:
+            t = max(row_dot(wfk, i, xf, act_f), np.float32(0.0))
+            hid[i] = t * t
+        else:
+            rf[i - F] = row_dot(wfr, i - F, xfr, act_fr)
+    quantize_both(hid, act_h)
+    for i in prange(C):
+        xrow[i] += row_dot(wfv, i, hid, act_h) / (np.float32(1.0) + np.exp(-rf[i]))
 
 
 # ------------------------------------------------------------------ norms

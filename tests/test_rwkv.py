@@ -264,6 +264,49 @@ def test_quantized_models_stay_close(converted, tmp_path, quant, tol):
             assert (got.argmax(1) == want.argmax(1)).mean() >= (0.9 if quant != "int4" else 0.5)
 
 
+@needs_fixtures
+@pytest.mark.parametrize("quant", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
+def test_fused_decode_equals_op_by_op(tmp_path, quant):
+    """Decode with one compiled call per layer (v7: the trained fixture, v6: a random checkpoint
+    with odd LoRA ranks) equals the op-by-op path: each layer from the same input and state to
+    float rounding; over a sequence the logits stay close (a rounding can flip one int8 step of an
+    activation, so not bit for bit) and give the same greedy tokens."""
+    sd = _random_blinkdl("6", seed=5)
+    for n in ("time_maa_w1", "time_decay_w1"):                  # ranks 7 and 13: no 2- or 4-row step divides them
+        for i in range(2):
+            sd[f"blocks.{i}.att.{n}"] = sd[f"blocks.{i}.att.{n}"][:, :35 if n == "time_maa_w1" else 13]
+    for i in range(2):
+        sd[f"blocks.{i}.att.time_maa_w2"] = sd[f"blocks.{i}.att.time_maa_w2"][:, :7]
+        sd[f"blocks.{i}.att.time_decay_w2"] = sd[f"blocks.{i}.att.time_decay_w2"][:13]
+    _torch_save(sd, tmp_path / "v6.pth")
+    ids = [int(i) for i in np.random.default_rng(4).integers(0, 256, 9)]
+    rng = np.random.default_rng(5)
+    for src in (FIX / "tiny-rwkv-7v0-834K.pth", tmp_path / "v6.pth"):
+        convert_rwkv(src, tmp_path / "m.edr", quant)
+        m = edgerun.load(tmp_path / "m.edr")
+        model, ops = m.model, m.model.ops
+        plans = model.decode_plans
+        assert plans is not None, src.name
+        st = m.new_state()
+        m.step(st, ids[:5])                                     # a state with history
+        C = model.args.hidden_size
+        vfirst = rng.standard_normal((1, C)).astype(np.float32)
+        for i, (plan, layer) in enumerate(zip(plans, model.layers)):
+            x = rng.standard_normal((1, C)).astype(np.float32)
+            a, b = st.fork(), st.fork()
+            got = ops.rwkv_layer_step(plan, x.copy(), a, i, vfirst.copy() if i else vfirst)
+            want, _ = layer(x.copy(), b, (vfirst if i else None) if model.args.version == "7" else None)
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), f"{src.name} layer {i}"
+            for name in ("att_x", "ffn_x", "wkv"):
+                np.testing.assert_allclose(a[name][i], b[name][i], rtol=1e-5, atol=1e-5, err_msg=f"{name} {i}")
+        fused = np.concatenate([m.step(st_f := m.new_state(), [ids[0]])] + [m.step(st_f, [t]) for t in ids[1:]])
+        model.decode_plans = None
+        ref = _stepwise(m, ids)
+        err = np.abs(fused - ref)
+        assert err.max() <= 0.02 * np.abs(ref).max(), f"{src.name}: max {err.max():.3g} mean {err.mean():.3g}"
+        assert (fused.argmax(1) == ref.argmax(1)).all()
+
+
 def test_pile_checkpoint_takes_the_tokenizer_json_beside_it(tmp_path):
     """A Pile model (.pth + 20B tokenizer.json in its folder) gets that tokenizer in its model file."""
     from conftest import TOKENIZER_VOCAB, write_tokenizer

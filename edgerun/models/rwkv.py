@@ -17,7 +17,9 @@ shift) and the WKV state: aa, bb, pp (C,) for v4; wkv (H, N, N) for v5-v7.
 Kernels (backend ops, kernels_numba/wkv.py): shift_mix (token shift + every lerp of a layer in one
 pass), wkv4 / wkv6 (v5 and v6) / v7_tail (v7's whole time mixing between its projections, WKV
 included), layer_norm, group_norm (ln_x). Each takes the whole chunk of tokens: prefill and decode
-are the same call. Small float32 LoRA matrices go through BLAS.
+are the same call. Small float32 LoRA matrices go through BLAS. Decode (one token) of v6/v7 with
+int8 / int4 matrices goes one compiled call per layer (ops.rwkv_layer_step: the same kernels
+called from compiled code, about 15 fewer crossings from Python per layer).
 """
 from __future__ import annotations
 
@@ -286,6 +288,18 @@ class Block:
         self.att = TimeMix(args, w, i, ops)
         self.ffn = ChannelMix(args, w, i, ops)
 
+    def decode_plan(self, prepare):
+        """This layer as one compiled call per decode token (ops.prepare_rwkv_layer), or None."""
+        att, ffn, a = self.att, self.ffn, self.att.args
+        ln = (*self.ln1, *self.ln2)
+        if a.version == "7" and att.lora is not None:
+            return prepare("7", ln=ln, eps=self.eps, att=(att.mix, att.lora, att.tail_params, a.lnx_eps),
+                           ffn_mix=ffn.mix, mats=(att.r, att.k, att.v, att.o, ffn.k, ffn.v))
+        if a.version == "6" and att.mix6 is not None:
+            return prepare("6", ln=ln, eps=self.eps, att=(att.mix6, att.u, att.lnx_w, att.lnx_b, a.n_heads, a.lnx_eps),
+                           ffn_mix=ffn.mix, mats=(att.r, att.k, att.v, att.g, att.o, ffn.k, ffn.r, ffn.v))
+        return None
+
     def __call__(self, x, state, v_first):
         ops = self.ops
         h, v_first = self.att(ops.layer_norm(x, *self.ln1, self.eps), state, v_first)
@@ -305,6 +319,12 @@ class Model:
         self.layers = [Block(args, w, i, ops) for i in range(args.num_hidden_layers)]
         self.ln_out = (_own(w["ln_out.weight"]), _own(w["ln_out.bias"]))
         self.head = w["head.weight"]
+        # decode (one token): a compiled call per layer where the backend can (v6/v7, int8 or int4
+        # matrices); the plans own scratch, so one model decodes one sequence at a time
+        prepare = getattr(ops, "prepare_rwkv_layer", None)
+        plans = [layer.decode_plan(prepare) for layer in self.layers] if prepare else [None]
+        self.decode_plans = plans if all(p is not None for p in plans) else None
+        self._vfirst = np.zeros((1, args.hidden_size), np.float32)
 
     @property
     def max_context(self) -> int:
@@ -334,9 +354,13 @@ class Model:
     def _run(self, ids, state, last_only):
         ops, a = self.ops, self.args
         x = ops.layer_norm(ops.embed(ids, self.emb, a.hidden_size), *self.ln0, a.layer_norm_epsilon)  # (T, C)
-        v_first = None
-        for layer in self.layers:
-            x, v_first = layer(x, state, v_first)
+        if ids.shape[0] == 1 and self.decode_plans is not None:
+            for i, plan in enumerate(self.decode_plans):
+                ops.rwkv_layer_step(plan, x, state, i, self._vfirst)
+        else:
+            v_first = None
+            for layer in self.layers:
+                x, v_first = layer(x, state, v_first)
         state.length += ids.shape[0]
         if last_only:
             x = x[-1:]
