@@ -84,12 +84,19 @@ class CPUBackend:
         def act(n):
             return fused.activations(n, per_token, quad)
 
-        e = np.zeros(0, np.float32)
+        def ro(a):
+            """A read-only view: norms, biases and placeholders alike (mapped from the file or made
+            here), so that layers with and without biases or q/k norms share one compiled
+            signature (Numba types writability; mixed flags cost a compile of ~10 s each)."""
+            v = (a if a is not None else np.zeros(0, np.float32)).view()
+            v.flags.writeable = False
+            return v
+
         positions = np.zeros(1, np.int64)
         # the call's arguments around the per-step KV cache, built once: decoder_layer_step only
         # splices in the cache and the position
-        head = (tuple(norms), tuple(a if a is not None else e for a in qk_norms), np.float32(eps), *mats,
-                tuple(b if b is not None else e for b in biases), positions, inv_freq, float(rope_scale))
+        head = (tuple(ro(a) for a in norms), tuple(ro(a) for a in qk_norms), np.float32(eps), *mats,
+                tuple(ro(b) for b in biases), positions, ro(inv_freq), float(rope_scale))
         tail = (np.float32(scale), int(window), np.float32(softcap),
                 np.empty((1, n_heads, head_dim), np.float32), np.empty((1, n_kv, head_dim), np.float32),
                 np.empty((1, n_kv, head_dim), np.float32), np.empty((1, n_heads, head_dim), np.float32),
