@@ -254,6 +254,16 @@ class CPUBackend:
         self._wkv.group_norm_silu(x, gate, int(groups), weight, bias, float(eps), out)
         return out
 
+    def relu_square_(self, x):
+        """x = max(x, 0)^2 in place (RWKV's channel-mix key)."""
+        self._wkv.relu_square_(x)
+        return x
+
+    def mul_sigmoid_(self, x, r):
+        """x *= sigmoid(r) in place (RWKV v4-v6 channel-mix gate)."""
+        self._wkv.mul_sigmoid_(x, r)
+        return x
+
     def prepare_rwkv_layer(self, version: str, *, ln, eps, att, ffn_mix, mats):
         """An RWKV-6/7 layer -> a plan for rwkv_layer_step (one compiled call a layer per decode
         token: kernels_numba/wkv.py rwkv7_layer_decode / rwkv6_layer_decode), its scratch allocated

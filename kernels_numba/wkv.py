@@ -585,11 +585,33 @@ def rwkv6_layer_decode(x, s, att_prev, ffn_prev, vfirst, first, p, wr, wk, wv, w
         xrow[i] += row_dot(wfv, i, hid, act_h) / (np.float32(1.0) + np.exp(-rf[i]))
 
 
+# ------------------------------------------------------------------ channel-mix activations
+
+@njit(fastmath=FASTMATH, **JIT)
+def relu_square_(x):
+    """x = max(x, 0)^2 in place (the channel mix's key), one pass.  x (T, F)."""
+    for t in range(x.shape[0]):
+        xt = x[t]
+        for j in range(xt.shape[0]):
+            v = max(xt[j], np.float32(0.0))
+            xt[j] = v * v
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def mul_sigmoid_(x, r):
+    """x *= sigmoid(r) in place (the v4-v6 channel mix's receptance gate), one pass.  x, r (T, C)."""
+    for t in range(x.shape[0]):
+        xt, rt = x[t], r[t]
+        for j in range(xt.shape[0]):
+            xt[j] = xt[j] / (np.float32(1.0) + np.exp(-rt[j]))
+
+
 # ------------------------------------------------------------------ norms
 
-@njit(**JIT)
+@njit(fastmath=FASTMATH, **JIT)
 def layer_norm(x, weight, bias, eps, out):
-    """out[t] = (x[t] - mean) / sqrt(var + eps) * weight + bias.   x, out (T, d)."""
+    """out[t] = (x[t] - mean) / sqrt(var + eps) * weight + bias.   x, out (T, d).  Sums in float64,
+    reassociated (fastmath) so that they vectorise: in order they were a latency chain per element."""
     T, d = x.shape
     for t in range(T):
         xt, ot = x[t], out[t]
@@ -605,7 +627,7 @@ def layer_norm(x, weight, bias, eps, out):
             ot[j] = np.float32((xt[j] - m) * inv) * weight[j] + bias[j]
 
 
-@njit(**JIT)
+@njit(fastmath=FASTMATH, **JIT)
 def group_norm(x, groups, weight, bias, eps, out):
     """ln_x: LayerNorm over each of ``groups`` equal slices of a row (torch.nn.functional.group_norm
     on a (T, C) input).  x, out (T, C); weight, bias (C,)."""

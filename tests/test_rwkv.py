@@ -541,6 +541,17 @@ def test_shift_mix_kernel(T, C, M):
     np.testing.assert_allclose(out, wkv.shift_mix_dyn_ref(x, prev, mix, dyn), rtol=1e-6, atol=1e-6)
 
 
+def test_channel_mix_activation_kernels():
+    rng = np.random.default_rng(9)
+    x, r = _rand(rng, 3, 37, s=3), _rand(rng, 3, 37, s=3)
+    got = x.copy()
+    wkv.relu_square_(got)
+    np.testing.assert_allclose(got, np.maximum(x, 0) ** 2, rtol=1e-6, atol=0)
+    got = x.copy()
+    wkv.mul_sigmoid_(got, r)
+    np.testing.assert_allclose(got, x / (1 + np.exp(-r.astype(np.float64))), rtol=2e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------- recurrent state
 
 @needs_fixtures

@@ -270,12 +270,10 @@ class ChannelMix:
         prev = state["ffn_x"][self.i]
         mixed = ops.shift_mix(xx, prev, self.mix)
         prev[...] = xx[-1]
-        k = ops.linear(mixed[0], self.k)
-        np.maximum(k, 0, out=k)
-        k *= k
+        k = ops.relu_square_(ops.linear(mixed[0], self.k))
         out = ops.linear(k, self.v)
         if self.r is not None:
-            out *= _sigmoid(ops.linear(mixed[1], self.r))
+            out = ops.mul_sigmoid_(out, ops.linear(mixed[1], self.r))
         return out
 
 
