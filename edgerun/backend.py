@@ -170,8 +170,8 @@ class CPUBackend:
         from edgerun.kernels_numba import wkv
         return wkv
 
-    def layer_norm(self, x, weight, bias, eps):
-        out = np.empty_like(x)
+    def layer_norm(self, x, weight, bias, eps, out=None):
+        out = np.empty_like(x) if out is None else out
         self._wkv.layer_norm(x, weight, bias, float(eps), out)
         return out
 
@@ -181,9 +181,9 @@ class CPUBackend:
         self._wkv.group_norm(x, int(groups), weight, bias, float(eps), out)
         return out
 
-    def shift_mix(self, x, prev, mix):
+    def shift_mix(self, x, prev, mix, out=None):
         """Token shift + lerp: (M, T, C) with out[m, t] = x[t] + (x[t-1] - x[t]) * mix[m], x[-1] = prev."""
-        out = np.empty((mix.shape[0], *x.shape), np.float32)
+        out = np.empty((mix.shape[0], *x.shape), np.float32) if out is None else out
         self._wkv.shift_mix(x, prev, mix, out)
         return out
 
@@ -215,20 +215,20 @@ class CPUBackend:
         f(r, w, k, v, a, b, s, out)
         return out
 
-    def v7_tail(self, r, wl, k, v, al, vl, vfirst, g, p, eps, s):
+    def v7_tail(self, r, wl, k, v, al, vl, vfirst, g, p, eps, s, out=None):
         """RWKV-7 time mixing from the projections to the output matrix's input, fused (see
         kernels_numba/wkv.py v7_tail); p = (w0, a0, v0, k_k, k_a, r_k, lnx_w, lnx_b). k, v updated in place."""
-        out = np.empty_like(r)
+        out = np.empty_like(r) if out is None else out
         f = self._wkv.v7_tail if r.size * s.shape[1] >= self.WKV_PARALLEL_WORK else self._wkv.v7_tail_serial
         f(r, wl, k, v, al, vl, vfirst, g, *p, float(eps), s, out)
         return out
 
-    def v7_lora(self, mixed, m):
+    def v7_lora(self, mixed, m, out=None):
         """RWKV-7's four low-rank projections (decay, iclr, value residual, gate) of shift_mix's
         output mixed (6, T, C) in one call -> (4, T, C); m = (w1, w2t, a1, a2t, v1, v2t, g1, g2t)
         float32 (D, C), see kernels_numba/wkv.py v7_lora. Own kernels, not BLAS: BLAS brings its
         own threads, which spin against ours."""
-        out = np.empty((4, *mixed.shape[1:]), np.float32)
+        out = np.empty((4, *mixed.shape[1:]), np.float32) if out is None else out
         work = mixed.shape[1] * mixed.shape[2] * sum(x.shape[0] for x in m)
         if work >= self.WKV_PARALLEL_WORK:
             self._wkv.v7_lora(mixed, *m, out)
