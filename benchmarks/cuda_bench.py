@@ -3,6 +3,7 @@ batch-1 decode of a ~1B Llama shape (random weights made on the device) against 
 (bf16, eager attention) on the same GPU in the same run.
 
     python benchmarks/cuda_bench.py [--json OUT.json] [--tokens 128] [--skip-torch] [--sweep] [--skip-decode]
+                                    [--kinds int8,int4,int8+f32,int4+f32]
 
 Prints a table and writes the numbers as JSON. Needs an NVIDIA GPU and numba-cuda (and torch +
 transformers for the baseline).
@@ -104,10 +105,11 @@ def gemv_q8_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps
             "GBps_with_quantize": nbytes / res["quantize+gemv"] / 1e9, "rel_err_vs_cpu_q8": err}
 
 
-def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60) -> dict:
-    """GEMV n x n: weight bytes (values + scales) per second, copies rotated so L2 can't serve them."""
+def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60, act_quant: bool = True) -> dict:
+    """GEMV n x n through ops.matmul (act_quant: int8 activations, the one-launch dp4a kernel; else float
+    activations): weight bytes (values + scales) per second, copies rotated so L2 can't serve them."""
     from edgerun.runner_cuda import random_weight
-    lin = ops._lin
+    ops.act_quant = act_quant
     copies = 3 if kind == "int8" else 5
     ws = [random_weight(ops, kind, n, n, seed=17 + i, group=group) for i in range(copies)]
     x = ops.to_device(np.random.default_rng(0).standard_normal((1, n)).astype(np.float32))
@@ -115,15 +117,17 @@ def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: i
     for w in ws:
         ops.matmul(x, w, out)
     cuda.synchronize()
-    # correctness of one copy against the CPU kernel
+    # correctness of one copy against the CPU kernel (gemm_<kind>_q8 with int8 activations)
     from edgerun.kernels_numba import linear as cpu
     w = ws[0]
     ref = np.empty((1, n), np.float32)
+    sfx = "_q8" if act_quant else ""
     if kind == "int8":
-        cpu.gemm_int8(x.copy_to_host(), w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16), w.group, ref)
+        getattr(cpu, "gemm_int8" + sfx)(x.copy_to_host(), w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16),
+                                        w.group, ref)
     else:
-        cpu.gemm_int4(x.copy_to_host(), w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16),
-                      np.zeros((0, 0), np.uint16), w.group, ref)
+        getattr(cpu, "gemm_int4" + sfx)(x.copy_to_host(), w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16),
+                                        np.zeros((0, 0), np.uint16), w.group, ref)
     ops.matmul(x, w, out)
     err = float(np.abs(out.copy_to_host() - ref).max() / np.abs(ref).max())
     nbytes = w.a.nbytes + w.b.nbytes
@@ -133,19 +137,63 @@ def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: i
     with recording() as plan:
         for w_ in ws:
             ops.matmul(x, w_, out)
+    per = len(plan) // copies
+    t = _time_plan(cuda, plan, per, copies, reps)
+    ops.act_quant = True
+    return {"kind": kind, "n": n, "group": w.group, "bytes": nbytes, "us": t * 1e6, "GBps": nbytes / t / 1e9,
+            "rel_err_vs_cpu": err, "act_quant": act_quant, "launches": per}
+
+
+def _time_plan(cuda, plan, per, copies, reps):
     best = []
     for _ in range(3):
         _spin(cuda, 30)
         e0, e1 = _events(cuda)
         e0.record()
         for i in range(reps):
-            plan[i % copies]()
+            for j in range(per):
+                plan[(i % copies) * per + j]()
         e1.record()
         e1.synchronize()
         best.append(cuda.event_elapsed_time(e0, e1) / 1e3 / reps)
-    t = float(np.median(best))
-    return {"kind": kind, "n": n, "group": w.group, "bytes": nbytes, "us": t * 1e6, "GBps": nbytes / t / 1e9,
-            "rel_err_vs_cpu": err}
+    return float(np.median(best))
+
+
+_READ = []
+
+
+def read_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60) -> dict:
+    """The GEMV's bytes (weights + scales of the same rotated copies) merely read and summed, 16 bytes a
+    load, 256 blocks of 256 threads as the GEMV launches them: what a kernel of this size can stream."""
+    from edgerun.kernels_cuda._launch import go, recording
+    from edgerun.kernels_cuda.linear import LD_W, make_ld4
+    from edgerun.runner_cuda import random_weight
+    if not _READ:
+        ld4 = make_ld4(LD_W)
+
+        @cuda.jit
+        def read(a, b, out):
+            t = cuda.grid(1)
+            nt = cuda.gridsize(1)
+            s = np.uint32(0)
+            for i in range(t * 4, a.shape[0], nt * 4):
+                v0, v1, v2, v3 = ld4(a, i)
+                s ^= v0 ^ v1 ^ v2 ^ v3
+            for i in range(t * 4, b.shape[0], nt * 4):
+                v0, v1, v2, v3 = ld4(b, i)
+                s ^= v0 ^ v1 ^ v2 ^ v3
+            if s == np.uint32(12345):
+                out[0] = s
+        _READ.append(read)
+    copies = 3 if kind == "int8" else 5
+    ws = [random_weight(ops, kind, n, n, seed=17 + i, group=group) for i in range(copies)]
+    out = cuda.device_array(1, np.uint32)
+    with recording() as plan:
+        for w in ws:
+            go(_READ[0], 256, 256, 0, 0, (w.words.reshape(w.words.size), w.b.reshape(w.b.size).view(np.uint32), out))
+    t = _time_plan(cuda, plan, 1, copies, reps)
+    nbytes = ws[0].a.nbytes + ws[0].b.nbytes
+    return {"kind": kind, "group": group, "us": t * 1e6, "GBps": nbytes / t / 1e9}
 
 
 def sample_timing(cuda, vocab: int = 32000, reps: int = 20) -> dict:
@@ -254,7 +302,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--kinds", default="int8,int4")
-    ap.add_argument("--sweep", action="store_true", help="also time GEMV variants (inputs split, load hints)")
+    ap.add_argument("--sweep", action="store_true", help="also time GEMV variants (chunks in flight, inputs split)")
     ap.add_argument("--skip-decode", action="store_true")
     a = ap.parse_args()
     from numba import cuda
@@ -276,37 +324,61 @@ def main():
     lin = ops._lin
     variants = [{}]
     if a.sweep:
-        variants += [{"maxreg": 80}, {"maxreg": 96}, {"ks": 4}, {"ks": 1}, {"maxreg": 80, "ks": 4},
-                     {"pipe": False, "ks": 8}, {"pipe": False, "ks": 8, "maxreg": 80}]
-    ld0 = lin.LD_W
+        variants += [{"pdl": False}, {"depth": 2}, {"ahead": 2}, {"ahead": 4}, {"ahead": 8}, {"ahead": 4, "depth": 2},
+                     {"prefetch": True}]
+    from edgerun.kernels_cuda import _launch
+    pdl0, pf0, dp0, ah0 = _launch.PDL, lin.FQ8_PREFETCH, lin.FQ8_DEPTH, lin.FQ8_L2AHEAD
     for v in variants:
-        lin.GEMV_KS, lin.LD_W = v.get("ks", 0), v.get("ld", ld0)
-        lin.GEMV_PIPE, lin.GEMV_MAXREG = v.get("pipe", True), v.get("maxreg", 0)
+        lin.GEMV_KS, lin.FQ8_MAXREG, lin.FQ8_PREFETCH = v.get("ks", 0), v.get("maxreg", 128), v.get("prefetch", pf0)
+        lin.FQ8_DEPTH, lin.FQ8_L2AHEAD = v.get("depth", dp0), v.get("ahead", ah0)
+        _launch.PDL = v.get("pdl", pdl0)
         for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
             g = gemv_bandwidth(cuda, ops, kind, group=group)
             g["of_copy"] = g["GBps"] / res["copy_GBps"]
             g["variant"] = str(v or "default")
             g["split"] = lin.gemv_split(kind, 8192, 8192)
-            k = lin._gemv_q_kernel(kind, g["split"], kind == "int8" and group == 8192)
+            per_row = kind == "int8" and group == 8192 and lin.FQ8_L2AHEAD == 0
+            k = lin._gemv_fq8_kernel(kind, g["split"], lin._fq8_nmax(8192),
+                                     ahead=lin.FQ8_L2AHEAD_PER_ROW if per_row else None)
             try:
                 g["regs"] = max(k.get_regs_per_thread().values())
                 g["local_bytes"] = max(k.get_local_mem_per_thread().values())
+                g["smem"] = max(k.get_shared_mem_per_block().values())
             except Exception as e:          # noqa: BLE001 (a report, not a check)
                 g["regs"] = str(e)[:60]
             res["gemv"].append(g)
-            print(f"GEMV {kind} 8192x8192 group {g['group']} ({g['variant']}, split {g['split']}, regs {g.get('regs')}, "
-                  f"local {g.get('local_bytes')}): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = {100 * g['of_copy']:.0f}% of copy; "
-                  f"rel err vs CPU {g['rel_err_vs_cpu']:.1e}", flush=True)
-    lin.GEMV_KS, lin.LD_W, lin.GEMV_PIPE, lin.GEMV_MAXREG = 0, ld0, True, 0
+            print(f"GEMV {kind} 8192x8192 group {g['group']}, int8 activations, one launch ({g['variant']}, split "
+                  f"{g['split']}, regs {g.get('regs')}, local {g.get('local_bytes')}, smem {g.get('smem')}, "
+                  f"{g['launches']} launch): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = {100 * g['of_copy']:.0f}% of copy; "
+                  f"rel err vs CPU q8 {g['rel_err_vs_cpu']:.1e}", flush=True)
+    lin.GEMV_KS, lin.FQ8_DEPTH, lin.FQ8_MAXREG, lin.FQ8_PREFETCH, _launch.PDL = 0, dp0, 128, pf0, pdl0
+    lin.FQ8_L2AHEAD = ah0
+    res["pdl"] = pdl0
+    res["gemv_read_only"] = []
+    for kind, group in (("int8", 8192), ("int4", 32)):
+        r = read_bandwidth(cuda, ops, kind, group=group)
+        r["of_copy"] = r["GBps"] / res["copy_GBps"]
+        res["gemv_read_only"].append(r)
+        print(f"read only, the {kind} GEMV's bytes: {r['us']:.1f} us, {r['GBps']:.0f} GB/s = {100 * r['of_copy']:.0f}% "
+              f"of copy", flush=True)
+    res["gemv_float_acts"] = []
+    for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
+        g = gemv_bandwidth(cuda, ops, kind, group=group, act_quant=False)
+        g["of_copy"] = g["GBps"] / res["copy_GBps"]
+        res["gemv_float_acts"].append(g)
+        print(f"GEMV {kind} 8192x8192 group {g['group']}, float activations (act_quant off): {g['us']:.1f} us, "
+              f"{g['GBps']:.0f} GB/s = {100 * g['of_copy']:.0f}% of copy; rel err vs CPU {g['rel_err_vs_cpu']:.1e}",
+              flush=True)
     res["gemv_q8"] = []
     for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
         g = gemv_q8_bandwidth(cuda, ops, kind, group=group)
         g["of_copy"] = g["GBps"] / res["copy_GBps"]
         g["of_copy_with_quantize"] = g["GBps_with_quantize"] / res["copy_GBps"]
         res["gemv_q8"].append(g)
-        print(f"GEMV {kind} 8192x8192 group {g['group']}, int8 activations (dp4a): {g['us']:.1f} us, {g['GBps']:.0f} GB/s "
-              f"= {100 * g['of_copy']:.0f}% of copy; with the quantize launch {g['us_with_quantize']:.1f} us "
-              f"= {100 * g['of_copy_with_quantize']:.0f}%; rel err vs CPU q8 {g['rel_err_vs_cpu_q8']:.1e}", flush=True)
+        print(f"GEMV {kind} 8192x8192 group {g['group']}, int8 activations, two launches (inputs wider than "
+              f"{lin.FQ8_MAX_N}): dp4a kernel {g['us']:.1f} us = {100 * g['of_copy']:.0f}% of copy; with the quantize "
+              f"launch {g['us_with_quantize']:.1f} us = {100 * g['of_copy_with_quantize']:.0f}%; rel err vs CPU q8 "
+              f"{g['rel_err_vs_cpu_q8']:.1e}", flush=True)
     res["sample_us"] = sample_timing(cuda)
     print("device sampler, 32000 logits: " + ", ".join(f"{k} {v:.0f} us" for k, v in res["sample_us"].items()),
           flush=True)
@@ -314,15 +386,16 @@ def main():
         a.kinds, a.skip_torch = "", True
     res["decode"] = []
     for kind in filter(None, a.kinds.split(",")):
-        aq = kind.endswith("+q8")
-        kind = kind.replace("+q8", "")
+        aq = not kind.endswith("+f32")                 # int8 activations unless +f32 (+q8: the default, kept)
+        kind = kind.replace("+q8", "").replace("+f32", "")
         ops.act_quant = aq
         d = edgerun_decode(cuda, ops, kind, a.prompt, a.tokens)
-        ops.act_quant = False
+        ops.act_quant = True
         d["act_quant"] = aq
-        kind = d["kind"] = kind + ("+q8" if aq else "")
+        kind = d["kind"] = kind + ("" if aq else "+f32")
         res["decode"].append(d)
-        print(f"edgerun {kind} 1B decode: {d['tok_s']:.0f} tok/s ({d['ms_per_token']:.2f} ms/token), "
+        print(f"edgerun {kind} 1B decode{'' if aq else ' (float activations)'}: {d['tok_s']:.0f} tok/s "
+              f"({d['ms_per_token']:.2f} ms/token), "
               f"{d['launches_per_token']:.0f} launches/token, launch calls {d['launch_host_us_per_token']:.0f} us/token "
               f"= {100 * d['launch_host_share']:.0f}% of the step; GPU time {d['gpu_ms_per_token']:.3f} ms/token", flush=True)
     if not a.skip_torch:

@@ -69,9 +69,10 @@ class CUDABackend:
         from edgerun.kernels_cuda import linear, lowbit, ops, paged_attention
         self._lin, self._ops, self._attn, self._low = linear, ops, paged_attention, lowbit
         self._weights: dict[int, tuple] = {}     # id(host array) -> (host array, device copy)
-        # one-token int8/int4 matmuls with activations quantized to int8 per block of 32 (as the CPU
-        # backend's default) and dp4a dot products; off: float activations (the GPU's default)
-        self.act_quant = False
+        # int8/int4 matmuls with activations quantized to int8 per block of 32, as the CPU backend's
+        # default: one token through the dp4a GEMV (the quantization inside it), more tokens through
+        # the float GEMM on the int8-rounded activations; off: float32 activations
+        self.act_quant = True
         self._q8: dict[int, object] = {}
         self._pools: dict[int, tuple] = {}
 
@@ -185,9 +186,17 @@ class CUDABackend:
             elif res is not None:               # out = y + res, or out (= res) += y
                 self._ops.add_inplace(out, res if y is out else y)
             return out
-        if T == 1 and self.act_quant and w.kind in ("int8", "int4") and w.words is not None \
-                and lin.gemv_q8_fits(w.kind, w.cols, w.group):
-            q = self._act_q8(w.cols)                       # int8 activations (blocks of 32), then dp4a
+        aq = self.act_quant and w.kind in ("int8", "int4")
+        if aq and T == 1 and w.words is not None and lin.gemv_fq8_fits(w.kind, w.cols, w.group):
+            fields = (w.words, w.b) if w.kind == "int8" else (w.words, w.b, w.c)
+            if lin.launch_gemv_fq8(w.kind, x.reshape(w.cols), fields, w.group, out.reshape(out.shape[1]),
+                                   norm_w=norm_w, eps=eps, res=bias if res is None else res.reshape(out.shape[1]),
+                                   act=act):       # one launch: x quantized per block of 32 inside, dp4a
+                if bias is not None and res is not None:
+                    self._ops.add_inplace(out, bias.reshape(1, bias.shape[0]))
+                return out
+        if aq and T == 1 and w.words is not None and lin.gemv_q8_fits(w.kind, w.cols, w.group):
+            q = self._act_q8(w.cols)                       # wide inputs: quantize launch, then dp4a
             lin.launch_quantize_act(x.reshape(w.cols), q, norm_w=norm_w, eps=eps)
             fields = (w.words, w.b) if w.kind == "int8" else (w.words, w.b, w.c)
             lin.launch_gemv_q8(w.kind, q, fields, w.group, out.reshape(out.shape[1]),
@@ -195,6 +204,15 @@ class CUDABackend:
             if bias is not None and res is not None:
                 self._ops.add_inplace(out, bias.reshape(1, bias.shape[0]))
             return out
+        if aq and x.shape[1] % 32 == 0:                   # the float kernels on int8-rounded activations,
+            xn = self.empty(x.shape)                       # as the CPU's q8 kernels see them
+            if norm_w is not None:
+                self._ops.rms_norm(x, norm_w, eps, xn)
+                norm_w, x0 = None, xn
+            else:
+                x0 = x
+            lin.launch_fake_quant(x0, xn)
+            x = xn
         gemv = T == 1 and (w.words is not None or w.kind in ("f32", "f16", "bf16"))
         if gemv and lin.gemv_fits(w.kind, w.cols, w.group):
             fields = {"int8": (w.words, w.b), "int4": (w.words, w.b, w.c)}.get(w.kind, (w.a,))

@@ -7,6 +7,7 @@ memory and a NumPy view. Every thread of a block must call warp_sum / block_sum 
 divergent calls), which the kernels do anyway.
 """
 import math
+import os
 
 import numba
 import numpy as np
@@ -104,6 +105,40 @@ else:
         v = max(v, cuda.shfl_xor_sync(FULL, v, 2))
         v = max(v, cuda.shfl_xor_sync(FULL, v, 1))
         return v
+
+
+# programmatic dependent launch (Hopper+): a GEMV launched with the PDL attribute (_launch.PDL) starts
+# while the kernel before it finishes, issues its first weight loads (weights are never written), and
+# waits (grid_wait) before it reads anything an earlier kernel wrote; launch_dependents lets the next
+# one start likewise. Without the attribute both are no-ops. EDGERUN_CUDA_PDL=0 leaves them out of the code.
+PDL_CODE = not SIM and os.environ.get("EDGERUN_CUDA_PDL", "1") != "0"
+
+if PDL_CODE:
+    from llvmlite import ir as _ir
+    from numba import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
+
+    def _asm0(text):
+        @_intrinsic
+        def op(typingctx):
+            def codegen(context, builder, sig, args):
+                fnty = _ir.FunctionType(_ir.VoidType(), [])
+                builder.call(_ir.InlineAsm(fnty, text, "~{memory}", side_effect=True), [])
+                return context.get_dummy_value()
+            return _types.void(), codegen
+        return op
+
+    grid_wait = _asm0("griddepcontrol.wait;")
+    launch_dependents = _asm0("griddepcontrol.launch_dependents;")
+else:
+    def grid_wait():
+        pass
+
+    def launch_dependents():
+        pass
+    if not SIM:
+        grid_wait = cuda.jit(device=True, inline=True)(grid_wait)
+        launch_dependents = cuda.jit(device=True, inline=True)(launch_dependents)
 
 
 @cuda.jit(device=True, inline=True)

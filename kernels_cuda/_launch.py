@@ -13,11 +13,22 @@ Under the simulator a Prepared launch just calls the kernel again (same results,
 from __future__ import annotations
 
 import ctypes
+import os as _os
 from contextlib import contextmanager
 
 from ._common import SIM
 
 _RECORD: list | None = None
+# launch the kernels registered with pdl() with programmatic stream serialization (Hopper and later,
+# CUDA 12): see _common.grid_wait. Read when a launch is recorded.
+PDL = _os.environ.get("EDGERUN_CUDA_PDL", "1") != "0"
+_PDL_KERNELS: set = set()
+
+
+def pdl(kern):
+    """Mark a kernel as PDL-safe: it calls grid_wait before reading anything a kernel before it wrote."""
+    _PDL_KERNELS.add(id(kern))
+    return kern
 
 
 class Dyn(int):
@@ -48,6 +59,16 @@ def recording():
         yield _RECORD
     finally:
         _RECORD = None
+
+
+_CC: list = []
+
+
+def _cc_major() -> int:
+    if not _CC:
+        from numba import cuda
+        _CC.append(cuda.get_current_device().compute_capability[0])
+    return _CC[0]
 
 
 def _dim3(d):
@@ -95,6 +116,17 @@ class Prepared:
         self._addr = ctypes.addressof(self._params)
         self._g, self._b = _dim3(grid), _dim3(block)
         self._stream = drv.CUstream(0)
+        self._cfg = None
+        if PDL and id(kern) in _PDL_KERNELS and _cc_major() >= 9:
+            cfg = drv.CUlaunchConfig()
+            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = self._g
+            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = self._b
+            cfg.sharedMemBytes, cfg.hStream = self.smem, self._stream
+            at = drv.CUlaunchAttribute()
+            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            at.value.programmaticStreamSerializationAllowed = 1
+            cfg.attrs, cfg.numAttrs = [at], 1
+            self._cfg, self._at = cfg, at
 
     def set(self, name: str, value: int) -> None:
         if SIM:
@@ -107,6 +139,11 @@ class Prepared:
         if SIM:
             args = [int(a) if isinstance(a, Dyn) else a for a in self.args]
             self.kern[self.grid, self.block, 0, self.smem](*args)
+            return
+        if self._cfg is not None:
+            err, = self._drv.cuLaunchKernelEx(self._cfg, self.func, self._addr, 0)
+            if err != self._drv.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"cuLaunchKernelEx failed: {err}")
             return
         g, b = self._g, self._b
         err, = self._drv.cuLaunchKernel(self.func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, self._stream,

@@ -16,8 +16,11 @@ with device arrays. Two kernels stand behind each name:
 - T > 1 (prefill), or a shape the GEMV does not take: a tiled GEMM, 64 rows x 32 tokens per
   block, each weight tile dequantised once into shared memory and used by every token.
 
-With int8 activations (``quantize_act_kernel`` + ``_gemv_q8_kernel``, the backend's act_quant) x is
-quantized per block of 32 as kernels_numba/simd.py does and the dot products run on dp4a.
+With int8 activations (the backend's act_quant, its default as on the CPU) x is quantized per block
+of 32 as kernels_numba/simd.py does and the dot products run on dp4a: ``_gemv_fq8_kernel`` quantizes
+x into shared memory inside the GEMV (one launch; its first weight loads in flight meanwhile), for
+inputs wider than FQ8_MAX_N ``quantize_act_kernel`` + ``_gemv_q8_kernel``. The GEMVs are launched
+with programmatic dependent launch where recorded (_launch.pdl, _common.grid_wait).
 
 Device layouts (edgerun/backend_cuda.py uploads them): int8 q (rows, in) int8 plus its uint32
 view (rows, in/4); int4 qs (rows, in/2) uint8 plus its uint32 view (rows, in/8), low nibble
@@ -29,8 +32,9 @@ import math
 import numpy as np
 from numba import cuda
 
-from ._launch import go
-from ._common import BLOCK, F32, SIM, U32, bits_to_f32, block_sum, blocks, device, log2_exact, warp_max, warp_sum, warp_sum4
+from ._launch import go, pdl
+from ._common import (BLOCK, F32, SIM, U32, bits_to_f32, block_sum, blocks, device, grid_wait, launch_dependents,
+                      log2_exact, warp_max, warp_sum, warp_sum4)
 
 DENSE_ROWS = BLOCK // 32 * 4      # output rows per dense GEMV block: 4 per warp
 RED4 = 4 * BLOCK                  # shared scratch of warp_sum4 (a compile-time constant)
@@ -128,6 +132,54 @@ else:
         return ld4
 
 ldx4 = make_ld4(LD_X)
+
+if SIM:
+    def pf_l2(a, i):
+        """(GPU) prefetch.global.L2 of the line holding a[i]."""
+        pass
+else:
+    @intrinsic
+    def pf_l2(typingctx, arr, idx):
+        """prefetch.global.L2 of the cache line holding arr[idx] (1-D): a load issued later hits L2;
+        unlike a load it holds no register."""
+        sig = types.void(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            aty, ity = sig.args
+            ary = context.make_array(aty)(context, builder, value=args[0])
+            i = context.cast(builder, args[1], ity, types.intp)
+            ptr = cgutils.get_item_pointer(context, builder, aty, ary, [i])
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
+            builder.call(ir.InlineAsm(fnty, "prefetch.global.L2 [$0];", "l", side_effect=True), [ptr])
+            return context.get_dummy_value()
+        return sig, codegen
+
+if SIM:
+    def prefetch_l2(a, r, nbytes):
+        """(GPU) the bulk copy engine pulls nbytes from &a[r, 0] into L2: no registers, no waiting."""
+        pass
+else:
+    @intrinsic
+    def prefetch_l2(typingctx, arr, r, nbytes):
+        """cp.async.bulk.prefetch.L2 of nbytes (a multiple of 16, the address 16-byte aligned) from
+        &arr[r, 0] of a 2-D array (sm_90): rows that a warp will stream, fetched ahead into L2 without
+        holding registers."""
+        sig = types.void(arr, r, nbytes)
+
+        def codegen(context, builder, sig, args):
+            aty, rty, nty = sig.args
+            ary = context.make_array(aty)(context, builder, value=args[0])
+            i = context.cast(builder, args[1], rty, types.intp)
+            z = context.get_constant(types.intp, 0)
+            ptr = cgutils.get_item_pointer(context, builder, aty, ary, [i, z])
+            i32 = ir.IntType(32)
+            nb = args[2]
+            nb = builder.trunc(nb, i32) if nb.type.width > 32 else nb
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32])
+            builder.call(ir.InlineAsm(fnty, "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r",
+                                      side_effect=True), [ptr, nb])
+            return context.get_dummy_value()
+        return sig, codegen
 
 if SIM:
     def _dp4a(a, b, c, sa, sb):
@@ -355,9 +407,13 @@ def _gemv_q_kernel(kind, KS, flag, ldw=None, pipe=None, maxreg=None):
         step = U32(32 * KS)
         c = U32(ks * 32 + lane)
         a0 = a1 = a2 = a3 = ss = np.float32(0.0)
+        launch_dependents()
+        if not pipe:
+            grid_wait()
         if pipe:                                  # next chunk's 4 loads in flight while this one is computed
             i = min(c, nc - U32(1)) << U32(2)
             wa, wb, wc, wd = ld4(qa, i), ld4(qb, i), ld4(qc, i), ld4(qd, i)
+            grid_wait()                           # (PDL) x may come from the kernel before: read after it
             while c < nc:
                 c2 = c + step
                 if c2 < nc:
@@ -401,7 +457,7 @@ def _gemv_q_kernel(kind, KS, flag, ldw=None, pipe=None, maxreg=None):
                                   a3 * np.float32(sd[0]))
             _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
 
-    _GEMV[key] = kernel
+    _GEMV[key] = pdl(kernel)
     return kernel
 
 
@@ -426,6 +482,8 @@ def quantize_act_kernel(x, norm_w, eps, xq, xs, xsum16):
     Not fastmath: 127 / amax and rint round as on the CPU."""
     red = cuda.shared.array(RED4, F32)
     part = cuda.shared.array(32, F32)
+    launch_dependents()
+    grid_wait()
     t = cuda.threadIdx.x
     lane = t & 31
     n = x.shape[0]
@@ -453,6 +511,9 @@ def quantize_act_kernel(x, norm_w, eps, xq, xs, xsum16):
             xs[b] = d
             xsum16[2 * b] = d * lo
             xsum16[2 * b + 1] = d * hi
+
+
+pdl(quantize_act_kernel)
 
 
 @device
@@ -549,8 +610,10 @@ def _gemv_q8_kernel(kind, KS, flag, ldw=None):
         step = U32(32 * KS)
         c = U32(ks * 32 + lane)
         a0 = a1 = a2 = a3 = np.float32(0.0)
+        launch_dependents()
         i = min(c, nc - U32(1)) << U32(2)
         wa, wb, wc, wd = ld4(qa, i), ld4(qb, i), ld4(qc, i), ld4(qd, i)
+        grid_wait()
         while c < nc:
             c2 = c + step
             if c2 < nc:
@@ -574,7 +637,7 @@ def _gemv_q8_kernel(kind, KS, flag, ldw=None):
                                   a3 * np.float32(sd[0]))
             _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
 
-    _GEMV[key] = kernel
+    _GEMV[key] = pdl(kernel)
     return kernel
 
 
@@ -632,6 +695,313 @@ def gemv_split(kind: str, n: int, rows: int) -> int:
     while ks < WPB and nc >= 32 * ks * 2 and blocks(rows, WPB // ks * 4) < MIN_GEMV_BLOCKS:
         ks *= 2
     return ks
+
+
+# ------------------------------------------------------------------ int8 activations, quantized inside the GEMV
+
+FQ8_MAX_N = 16384                 # inputs the fused kernel quantizes into shared memory (1.75 bytes each)
+FQ8_DEPTH = 1                     # chunks of each row a lane has in flight while it computes one (H100: 1 > 2 > 3)
+FQ8_MAXREG = 128                  # register cap: 2 blocks of 256 threads an SM (130 registers halved that)
+FQ8_PREFETCH = False              # each warp's rows prefetched into L2 by the bulk copy engine first
+FQ8_L2AHEAD = 0                   # chunks a lane prefetches into L2 beyond those it holds in registers
+FQ8_L2AHEAD_PER_ROW = 2           # ... for int8 with one scale a row (H100 8192^2: 80% -> 84% of copy; with
+                                  # group scales, and int4, prefetching measured 1-5 points slower)
+lds4 = make_ld4("ld")             # 16 bytes of shared memory (generic address)
+_QW = U32(255)
+
+
+def _fq8_nmax(n: int) -> int:
+    m = 1024
+    while m < n:
+        m *= 2
+    return m
+
+
+@device
+def _qbyte(v, iq):
+    """rint(v * iq) as an int32 and as its byte (two's complement) in a uint32."""
+    q = np.int32(_rint(v * iq))
+    return q, U32((q + np.int32(256)) & np.int32(255))
+
+
+@cuda.jit(device=True, inline=True)
+def _quantize_into(x, norm_w, eps, xw, xf, s16, red, part):
+    """Every block: x (n,) [RMS-normed as kernels_numba/ops.rms_norm: x * inv * w] -> int8 per block of
+    32 into shared memory as kernels_numba/simd.quantize_act does: xw (n/4,) words of 4 int8,
+    xf[b] = amax / 127, xf[s16 + 2b (+1)] = that times the sum of the first (second) 16 int8.
+    A thread per block of 32 (two passes over it: max, then quantize; the second hits L1)."""
+    t = cuda.threadIdx.x
+    n = x.shape[0]
+    nb = n >> 5
+    has_norm = norm_w.shape[0] > 0
+    inv = np.float32(1.0)
+    if has_norm:
+        ss = np.float32(0.0)
+        for i in range(t * 4, n, BLOCK * 4):
+            a0, a1, a2, a3 = ldx4(x, i)
+            ss += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
+        ss = block_sum(ss, red, part)
+        inv = np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
+    for b in range(t, nb, BLOCK):
+        base = b * 32
+        amax = np.float32(0.0)
+        for k in range(8):
+            a0, a1, a2, a3 = ldx4(x, base + 4 * k)
+            if has_norm:
+                e0, e1, e2, e3 = ldx4(norm_w, base + 4 * k)
+                a0, a1, a2, a3 = a0 * inv * e0, a1 * inv * e1, a2 * inv * e2, a3 * inv * e3
+            amax = max(amax, max(max(abs(a0), abs(a1)), max(abs(a2), abs(a3))))
+        d = amax / np.float32(127.0)
+        iq = np.float32(127.0) / amax if amax > np.float32(0.0) else np.float32(0.0)
+        slo = np.int32(0)
+        shi = np.int32(0)
+        for k in range(8):
+            a0, a1, a2, a3 = ldx4(x, base + 4 * k)
+            if has_norm:
+                e0, e1, e2, e3 = ldx4(norm_w, base + 4 * k)
+                a0, a1, a2, a3 = a0 * inv * e0, a1 * inv * e1, a2 * inv * e2, a3 * inv * e3
+            q0, u0 = _qbyte(a0, iq)
+            q1, u1 = _qbyte(a1, iq)
+            q2, u2 = _qbyte(a2, iq)
+            q3, u3 = _qbyte(a3, iq)
+            xw[b * 8 + k] = u0 | (u1 << U32(8)) | (u2 << U32(16)) | (u3 << U32(24))
+            if k < 4:
+                slo += (q0 + q1) + (q2 + q3)
+            else:
+                shi += (q0 + q1) + (q2 + q3)
+        xf[b] = d
+        xf[s16 + 2 * b] = d * np.float32(slo)
+        xf[s16 + 2 * b + 1] = d * np.float32(shi)
+    cuda.syncthreads()
+
+
+@device
+def _dp16(w, xv):
+    """The int32 dot product of 16 int8 weights (4 words) and 16 int8 activations (4 words)."""
+    return dp4a_ss(w[3], xv[3], dp4a_ss(w[2], xv[2], dp4a_ss(w[1], xv[1], dp4a_ss(w[0], xv[0], 0))))
+
+
+@device
+def _nib32(w, xl, xh):
+    """The int32 dot product of a chunk's 32 nibbles (unsigned) and their activations (one block)."""
+    s = dp4a_us(w[0] & _LO4, xl[0], 0)
+    s = dp4a_us((w[0] >> U32(4)) & _LO4, xh[0], s)
+    s = dp4a_us(w[1] & _LO4, xl[1], s)
+    s = dp4a_us((w[1] >> U32(4)) & _LO4, xh[1], s)
+    s = dp4a_us(w[2] & _LO4, xl[2], s)
+    s = dp4a_us((w[2] >> U32(4)) & _LO4, xh[2], s)
+    s = dp4a_us(w[3] & _LO4, xl[3], s)
+    return dp4a_us((w[3] >> U32(4)) & _LO4, xh[3], s)
+
+
+@device
+def _fq8_int8(xw, xf, c, P, a0, a1, a2, a3):
+    """Chunk c (16 inputs) of 4 int8 rows, P = (4 x 4 words, 4 group scales), against shared xw / xf."""
+    wa, wb, wc, wd, s0, s1, s2, s3 = P
+    xv = lds4(xw, c << U32(2))
+    d = xf[c >> U32(1)]
+    return (a0 + (s0 * d) * np.float32(_dp16(wa, xv)), a1 + (s1 * d) * np.float32(_dp16(wb, xv)),
+            a2 + (s2 * d) * np.float32(_dp16(wc, xv)), a3 + (s3 * d) * np.float32(_dp16(wd, xv)))
+
+
+@device
+def _fq8_int4(xw, xf, s16, c, P, gsh, mins, ra, rb, rc, rd, a0, a1, a2, a3):
+    """Chunk c of 4 int4 rows (inputs lo..lo+15 in the low nibbles, hi..hi+15 in the high ones),
+    P = (4 x 4 words, 4 group scales): s (d u.x) + c sum(x), c = -8 s or the group's min. With
+    groups of 32 a chunk is one activation block: one dp4a chain and one conversion a row."""
+    wa, wb, wc, wd, s0, s1, s2, s3 = P
+    byte = c << U32(4)
+    hs = gsh - U32(1)
+    g = byte >> hs
+    lo = (g << gsh) + (byte & ((U32(1) << hs) - U32(1)))
+    hi = lo + (U32(1) << hs)
+    xl, xh = lds4(xw, lo >> U32(2)), lds4(xw, hi >> U32(2))
+    xsm = xf[s16 + (lo >> U32(4))] + xf[s16 + (hi >> U32(4))]
+    if gsh == U32(5):
+        d = xf[lo >> U32(5)]
+        da, db = d * np.float32(_nib32(wa, xl, xh)), d * np.float32(_nib32(wb, xl, xh))
+        dc, dd = d * np.float32(_nib32(wc, xl, xh)), d * np.float32(_nib32(wd, xl, xh))
+    else:
+        dl, dh = xf[lo >> U32(5)], xf[hi >> U32(5)]
+        la, ha = _nib_dot(wa, xl, xh)
+        lb, hb = _nib_dot(wb, xl, xh)
+        lc, hc = _nib_dot(wc, xl, xh)
+        ld, hd = _nib_dot(wd, xl, xh)
+        da, db, dc, dd = dl * la + dh * ha, dl * lb + dh * hb, dl * lc + dh * hc, dl * ld + dh * hd
+    if mins.shape[0] > 0:
+        return (a0 + s0 * da + np.float32(mins[ra, g]) * xsm, a1 + s1 * db + np.float32(mins[rb, g]) * xsm,
+                a2 + s2 * dc + np.float32(mins[rc, g]) * xsm, a3 + s3 * dd + np.float32(mins[rd, g]) * xsm)
+    m8 = np.float32(8.0) * xsm
+    return a0 + s0 * (da - m8), a1 + s1 * (db - m8), a2 + s2 * (dc - m8), a3 + s3 * (dd - m8)
+
+
+def _gemv_fq8_kernel(kind, KS, NMAX, depth=None, maxreg=None, prefetch=None, ahead=None):
+    """The int8-activation GEMV with the quantization inside: each block first issues its lanes'
+    first weight loads, then quantizes x (normed) into shared memory while they are in flight
+    (x is 32 KB at most and an L2 hit for all blocks but the first), then streams its rows with
+    `depth` chunks (16 bytes of 4 rows, and their group scales) in flight a lane. One launch per
+    matmul, as the float GEMV; the dot products on dp4a (int4: about 1 instruction per 8
+    nibbles... 2.5 a word). Compiled per (kind, KS, shared size, depth)."""
+    depth = depth or FQ8_DEPTH
+    maxreg = FQ8_MAXREG if maxreg is None else maxreg
+    PF = FQ8_PREFETCH if prefetch is None else prefetch
+    AHEAD = FQ8_L2AHEAD if ahead is None else ahead
+    key = ("fq8", kind, KS, NMAX, depth, maxreg, PF, AHEAD)
+    if key in _GEMV:
+        return _GEMV[key]
+    RG = WPB // KS
+    ld4 = make_ld4(LD_W)
+    int8 = kind == "int8"
+    PSHAPE = (WPB, 8)
+    XW, XF, S16 = NMAX // 4, NMAX // 32 + NMAX // 16, NMAX // 32
+    D1, D3 = depth == 1, depth >= 3
+    A16 = 16
+    opts = {"max_registers": maxreg} if maxreg and not SIM else {}
+
+    @device
+    def ldc(qa, qb, qc, qd, sa, sb, sc, sd, c, gsh):
+        """The 16-byte chunk c of 4 rows and the group scale of each."""
+        i = c << U32(2)
+        g = (c << U32(4)) >> gsh
+        return (ld4(qa, i), ld4(qb, i), ld4(qc, i), ld4(qd, i),
+                np.float32(sa[g]), np.float32(sb[g]), np.float32(sc[g]), np.float32(sd[g]))
+
+    @cuda.jit(fastmath=True, **opts)
+    def kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
+        """out (rows,) = [rmsnorm](x (n,)) @ W.T [+ res] | act on (gate, up) row pairs, x quantized to
+        int8 per block of 32 first. int8: qw (rows, n/4) words, scales (rows, groups), gshift log2
+        of the group (31: one scale a row); int4: qw (rows, n/8) words, scales / mins (rows, groups)."""
+        xw = cuda.shared.array(XW, U32, alignment=A16) if not SIM else cuda.shared.array(XW, U32)
+        xf = cuda.shared.array(XF, F32)
+        red = cuda.shared.array(RED4, F32)
+        part = cuda.shared.array(PSHAPE, F32)
+        part1 = cuda.shared.array(32, F32)
+        t = cuda.threadIdx.x
+        w, lane = t >> 5, t & 31
+        rg, ks = w // KS, w % KS
+        rows = qw.shape[0]
+        n = x.shape[0]
+        r0 = (cuda.blockIdx.x * RG + rg) * 4
+        ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
+        qa, qb, qc, qd = qw[ra], qw[rb], qw[rc], qw[rd]
+        sa, sb, sc, sd = scales[ra], scales[rb], scales[rc], scales[rd]
+        gsh = U32(gshift)
+        gsc = gsh if int8 else gsh - U32(1)              # chunk byte -> group: int4 has 2 inputs a byte
+        nc = U32(n >> 4) if int8 else U32(n >> 5)
+        last = nc - U32(1)
+        step = U32(32 * KS)
+        c = U32(ks * 32 + lane)
+        launch_dependents()
+        if PF and ks == 0 and lane < 2 and r0 < rows:     # the warp's 4 rows (and their scales) into L2
+            nr = min(4, rows - r0)
+            if lane == 0:
+                prefetch_l2(qw, r0, nr * qw.strides[0])
+            elif scales.strides[0] % 16 == 0:
+                prefetch_l2(scales, r0, nr * scales.strides[0])
+        P0 = ldc(qa, qb, qc, qd, sa, sb, sc, sd, min(c, last), gsc)
+        P1 = P0
+        if not D1:
+            P1 = ldc(qa, qb, qc, qd, sa, sb, sc, sd, min(c + step, last), gsc)
+        P2 = P1
+        if D3:
+            P2 = ldc(qa, qb, qc, qd, sa, sb, sc, sd, min(c + step + step, last), gsc)
+        ahead = step * U32(3 if D3 else 1 if D1 else 2)
+        if AHEAD > 0:                     # the AHEAD chunks after those into L2 (no registers held)
+            for k in range(AHEAD):
+                ck = c + ahead + U32(k) * step
+                if ck < nc:
+                    j = ck << U32(2)
+                    pf_l2(qa, j)
+                    pf_l2(qb, j)
+                    pf_l2(qc, j)
+                    pf_l2(qd, j)
+        grid_wait()                       # (PDL) x may come from the kernel before: read after it
+        _quantize_into(x, norm_w, eps, xw, xf, S16, red, part1)
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        pfa = ahead + step * U32(AHEAD)
+        while c < nc:
+            cn = c + ahead
+            PN = P0
+            if cn < nc:
+                PN = ldc(qa, qb, qc, qd, sa, sb, sc, sd, cn, gsc)
+            if AHEAD > 0:
+                cp = c + pfa
+                if cp < nc:
+                    j = cp << U32(2)
+                    pf_l2(qa, j)
+                    pf_l2(qb, j)
+                    pf_l2(qc, j)
+                    pf_l2(qd, j)
+            if int8:
+                a0, a1, a2, a3 = _fq8_int8(xw, xf, c, P0, a0, a1, a2, a3)
+            else:
+                a0, a1, a2, a3 = _fq8_int4(xw, xf, S16, c, P0, gsh, mins, ra, rb, rc, rd, a0, a1, a2, a3)
+            if D3:
+                P0, P1, P2 = P1, P2, PN
+            elif D1:
+                P0 = PN
+            else:
+                P0, P1 = P1, PN
+            c += step
+        a0, a1, a2, a3 = _finish4(part, red, a0, a1, a2, a3, np.float32(0.0), False, ks, KS, np.float32(1.0), n,
+                                  np.float32(0.0))
+        if lane == 0 and ks == 0:
+            _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
+
+    _GEMV[key] = pdl(kernel)
+    return kernel
+
+
+def gemv_fq8_fits(kind: str, n: int, group: int) -> bool:
+    """The fused int8-activation GEMV: gemv_q8_fits's shapes with x small enough for shared memory."""
+    return n <= FQ8_MAX_N and gemv_q8_fits(kind, n, group)
+
+
+def launch_gemv_fq8(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act=ACT_NONE, stream=0,
+                    depth=None):
+    """One token, one launch: out = act/res(int8(x [normed]) @ W.T) (the backend's act_quant decode
+    matmul). fields: int8 (words, scales); int4 (words, scales, mins). Returns False (nothing
+    launched) when x or the norm weight is not 16-byte aligned."""
+    n = x.shape[0]
+    rows = fields[0].shape[0]
+    nw = dummy() if norm_w is None else norm_w
+    if not _aligned(x, nw):
+        return False
+    ks = gemv_split(kind, n, rows)
+    ahead = None
+    if kind == "int8":
+        gshift = 31 if group == n else log2_exact(group)
+        mins = dummy(2)
+        if group == n and FQ8_L2AHEAD == 0:
+            ahead = FQ8_L2AHEAD_PER_ROW
+    else:
+        gshift, mins = log2_exact(group), fields[2]
+    k = _gemv_fq8_kernel(kind, ks, _fq8_nmax(n), depth, ahead=ahead)
+    go(k, blocks(rows, WPB // ks * 4), BLOCK, stream, 0,
+       (x, nw, np.float32(eps), fields[0], fields[1], mins, gshift, dummy() if res is None else res, act, out))
+    return True
+
+
+@cuda.jit
+def fake_quant_kernel(x, out):
+    """out (T, n) = x quantized to int8 per block of 32 and back (d * q, as simd.quantize_act): the
+    activations that the CPU's q8 GEMMs see, for the GPU's float GEMM (prefill with act_quant)."""
+    b = cuda.blockIdx.x * BLOCK + cuda.threadIdx.x
+    t = cuda.blockIdx.y
+    if b >= x.shape[1] >> 5:
+        return
+    base = b * 32
+    amax = np.float32(0.0)
+    for j in range(32):
+        amax = max(amax, abs(x[t, base + j]))
+    d = amax / np.float32(127.0)
+    iq = np.float32(127.0) / amax if amax > np.float32(0.0) else np.float32(0.0)
+    for j in range(32):
+        out[t, base + j] = d * _rint(x[t, base + j] * iq)
+
+
+def launch_fake_quant(x, out, stream=0):
+    go(fake_quant_kernel, (blocks(x.shape[1] // 32, BLOCK), x.shape[0]), BLOCK, stream, 0, (x, out))
 
 
 # ------------------------------------------------------------------ element loaders (GEMM, embed, dense GEMV)

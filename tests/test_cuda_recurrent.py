@@ -313,8 +313,17 @@ if not FIX.is_dir():
 def _compare(path, n_ids=9, prompt_len=5, seed=0, vocab=256):
     """forward, prefill then one-token steps (the recorded plan), fork and rollback: GPU == CPU to 1e-3."""
     import edgerun
-    cpu = edgerun.load(path, act_quant=False)
-    gpu = edgerun.load(path, device="cuda")
+    from edgerun.backend import get_backend
+    ops = get_backend("cuda")
+    old, ops.act_quant = ops.act_quant, False          # float32 activations on both sides
+    try:
+        _compare_float(edgerun.load(path, act_quant=False), edgerun.load(path, device="cuda"), path, n_ids,
+                       prompt_len, seed, vocab)
+    finally:
+        ops.act_quant = old
+
+
+def _compare_float(cpu, gpu, path, n_ids, prompt_len, seed, vocab):
     ids = [int(i) for i in np.random.default_rng(seed).integers(2, vocab, n_ids)]
     check(gpu.forward(ids), cpu.forward(ids), 1e-3, f"{path.name} forward")
     st_c, st_g = cpu.new_state(), gpu.new_state()
