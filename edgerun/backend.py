@@ -100,7 +100,8 @@ class CPUBackend:
         tail = (np.float32(scale), int(window), np.float32(softcap),
                 np.empty((1, n_heads, head_dim), np.float32), np.empty((1, n_kv, head_dim), np.float32),
                 np.empty((1, n_kv, head_dim), np.float32), np.empty((1, n_heads, head_dim), np.float32),
-                np.empty(hidden, np.float32), act(hidden), act(nq), act(inter), np.empty(inter, np.float32))
+                np.empty(hidden, np.float32), act(hidden), act(nq), act(inter), np.empty(inter, np.float32),
+                fused.has_blocks(mats, nq, n_kv * head_dim, hidden, inter))
         return _LayerPlan(fused.llama_layer_decode, positions, head, tail)
 
     def decoder_layer_step(self, plan, x, state, layer):

@@ -30,7 +30,7 @@ from edgerun.packed import DenseWeight, Int4Weight, Int8Weight, Sparse24Weight, 
 from ._common import FASTMATH, JIT
 from .ops import rms_norm_heads, rope
 from .paged_attention import paged_attention, store_kv_paged, store_kv_paged_int8
-from .lowbit import EXPAND, KB, TB, _to_planes, dot_24_expand, dot_t2_simd, quantize_rows_int8
+from .lowbit import EXPAND, KB, TB, WIDE, _to_planes, dot_24_expand, dot_t2_rows4, dot_t2_simd, quantize_rows_int8
 from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int4_row_quad, dot_int8_row, quad_order, quantize_act
 
 
@@ -151,6 +151,35 @@ def _row_dot(w_, row_, x_, a_):
     return None
 
 
+def row_block(w_, blk_, x_, a_):
+    """Rows 4 blk_ .. 4 blk_ + 3 of w_ times the activations, as a 4-tuple, for kinds with a
+    multi-row kernel: ternary on 512-bit VNNI (lowbit.dot_t2_rows4, which loads each step of
+    activation planes once for the 4 rows). A layer runs in blocks only when all seven of its
+    matrices have one (has_blocks); the other kinds compile a stub that is never called."""
+    raise NotImplementedError
+
+
+@overload(row_block, jit_options=JIT, inline="always")
+def _row_block(w_, blk_, x_, a_):
+    if getattr(w_, "instance_class", None) is TernaryRows and WIDE:
+        def impl(w_, blk_, x_, a_):
+            rb_ = 4 * blk_
+            d0_, d1_, d2_, d3_ = dot_t2_rows4(w_.codes, rb_, a_[6][0], a_[6][1], a_[6][2], a_[6][3])
+            f_, b_ = a_[4][0], a_[5][0]
+            return (np.float32(d0_ - b_) * f_ * w_.scales[rb_ * w_.step],
+                    np.float32(d1_ - b_) * f_ * w_.scales[(rb_ + 1) * w_.step],
+                    np.float32(d2_ - b_) * f_ * w_.scales[(rb_ + 2) * w_.step],
+                    np.float32(d3_ - b_) * f_ * w_.scales[(rb_ + 3) * w_.step])
+        return impl
+    zero = np.float32(0.0)
+    return lambda w_, blk_, x_, a_: (zero, zero, zero, zero)
+
+
+def has_blocks(mats, *widths) -> bool:
+    """Every matrix has a 4-row kernel (row_block) and every output width is a multiple of 4."""
+    return WIDE and all(isinstance(m, TernaryRows) for m in mats) and all(n % 4 == 0 for n in widths)
+
+
 @njit(fastmath=FASTMATH, **JIT)
 def quantize_both(x, a):
     """x (n,) -> a's quantized forms: per block of 32 always; in quad order when the layer has
@@ -185,11 +214,43 @@ def _norm_into(x, weight, eps, out):
         out[j] = x[j] * inv * weight[j]
 
 
+# inlined into the layer at the IR level: names distinct from the layer's own variables, which an
+# inlined assignment would overwrite
+
+@njit(inline="always", fastmath=FASTMATH)
+def _silu(g_):
+    return g_ / (np.float32(1.0) + np.exp(-g_))
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def _store4(dst_, r4_, vals_, bias_):
+    """dst_[r4_ + j] = vals_[j] (+ bias_[r4_ + j] when there is a bias)."""
+    z_ = np.float32(0.0)
+    has_ = bias_.shape[0] > 0
+    dst_[r4_] = vals_[0] + (bias_[r4_] if has_ else z_)
+    dst_[r4_ + 1] = vals_[1] + (bias_[r4_ + 1] if has_ else z_)
+    dst_[r4_ + 2] = vals_[2] + (bias_[r4_ + 2] if has_ else z_)
+    dst_[r4_ + 3] = vals_[3] + (bias_[r4_ + 3] if has_ else z_)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def _add4(dst_, r4_, vals_, bias_):
+    """dst_[r4_ + j] += vals_[j] (+ bias_[r4_ + j] when there is a bias): a residual add. Calls
+    (one per 4 rows), not inlined: inlined into a prange body, these in-place adds gave wrong
+    sums (the parfor pass)."""
+    z_ = np.float32(0.0)
+    has_ = bias_.shape[0] > 0
+    dst_[r4_] += vals_[0] + (bias_[r4_] if has_ else z_)
+    dst_[r4_ + 1] += vals_[1] + (bias_[r4_ + 1] if has_ else z_)
+    dst_[r4_ + 2] += vals_[2] + (bias_[r4_ + 2] if has_ else z_)
+    dst_[r4_ + 3] += vals_[3] + (bias_[r4_ + 3] if has_ else z_)
+
+
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, biases,
                        positions, inv_freq, rope_scale,
                        kp, vp, ks, vs, quantized, table, scale, window, softcap,
-                       q, k, v, att, xn, act_h, act_a, act_i, h):
+                       q, k, v, att, xn, act_h, act_a, act_i, h, blocks):
     """One token through one layer; x (hidden,) float32 is updated in place.
 
     norms: (attention norm, MLP norm) (hidden,); qk_norms: (q_norm, k_norm) (head_dim,) or
@@ -197,7 +258,7 @@ def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, bias
     position (also where its K and V go). kp, vp, ks, vs, table: the layer's paged KV cache
     (edgerun/cache/paged.py; int8 when quantized). Scratch: q (1, H, d), k and v (1, Hk, d),
     att (1, H, d), xn (hidden,), act_* = activations() for the hidden, attention and MLP widths,
-    h (inter,)."""
+    h (inter,). blocks: every matrix runs 4 rows at a time (row_block; see has_blocks)."""
     H, d = q.shape[1], q.shape[2]
     Hk = k.shape[1]
     nq, nk = H * d, Hk * d
@@ -206,14 +267,23 @@ def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, bias
     # ---- attention: norm -> int8 once -> Q, K, V rows in one loop
     _norm_into(x, norms[0], eps, xn)
     quantize_both(xn, act_h)
-    for i in prange(nq + 2 * nk):
-        if i < nq:
-            qf[i] = row_dot(wq, i, xn, act_h) + (bq[i] if bq.shape[0] else np.float32(0.0))
-        elif i < nq + nk:
-            r = i - nq
+    g4 = 4 if blocks else 1
+    for ib in prange((nq + 2 * nk) // g4):
+        if blocks:          # 4 rows of one matrix (nq and nk are multiples of 4)
+            i = 4 * ib
+            if i < nq:
+                _store4(qf, i, row_block(wq, i // 4, xn, act_h), bq)
+            elif i < nq + nk:
+                _store4(kf, i - nq, row_block(wk, (i - nq) // 4, xn, act_h), bk)
+            else:
+                _store4(vf, i - nq - nk, row_block(wv, (i - nq - nk) // 4, xn, act_h), bv)
+        elif ib < nq:
+            qf[ib] = row_dot(wq, ib, xn, act_h) + (bq[ib] if bq.shape[0] else np.float32(0.0))
+        elif ib < nq + nk:
+            r = ib - nq
             kf[r] = row_dot(wk, r, xn, act_h) + (bk[r] if bk.shape[0] else np.float32(0.0))
         else:
-            r = i - nq - nk
+            r = ib - nq - nk
             vf[r] = row_dot(wv, r, xn, act_h) + (bv[r] if bv.shape[0] else np.float32(0.0))
     if qk_norms[0].shape[0]:
         rms_norm_heads(q, qk_norms[0], eps)
@@ -229,15 +299,29 @@ def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, bias
     # ---- output projection, residual added in place
     af = att.reshape(nq)
     quantize_both(af, act_a)
-    for r in prange(x.shape[0]):
-        x[r] += row_dot(wo, r, af, act_a) + (bo[r] if bo.shape[0] else np.float32(0.0))
+    for rb in prange(x.shape[0] // g4):
+        if blocks:
+            _add4(x, 4 * rb, row_block(wo, rb, af, act_a), bo)
+        else:
+            x[rb] += row_dot(wo, rb, af, act_a) + (bo[rb] if bo.shape[0] else np.float32(0.0))
     # ---- MLP: norm -> int8 once -> gate and up rows together, SiLU(gate) * up -> down (+ residual)
     _norm_into(x, norms[1], eps, xn)
     quantize_both(xn, act_h)
-    for r in prange(h.shape[0]):
-        g = row_dot(wg, r, xn, act_h)
-        u = row_dot(wu, r, xn, act_h)
-        h[r] = g / (np.float32(1.0) + np.exp(-g)) * u
+    for rb in prange(h.shape[0] // g4):
+        if blocks:
+            g0, g1, g2, g3 = row_block(wg, rb, xn, act_h)
+            u0, u1, u2, u3 = row_block(wu, rb, xn, act_h)
+            h[4 * rb] = _silu(g0) * u0
+            h[4 * rb + 1] = _silu(g1) * u1
+            h[4 * rb + 2] = _silu(g2) * u2
+            h[4 * rb + 3] = _silu(g3) * u3
+        else:
+            g = row_dot(wg, rb, xn, act_h)
+            u = row_dot(wu, rb, xn, act_h)
+            h[rb] = _silu(g) * u
     quantize_both(h, act_i)
-    for r in prange(x.shape[0]):
-        x[r] += row_dot(wd, r, h, act_i)
+    for rb in prange(x.shape[0] // g4):
+        if blocks:
+            _add4(x, 4 * rb, row_block(wd, rb, h, act_i), bo[:0])
+        else:
+            x[rb] += row_dot(wd, rb, h, act_i)

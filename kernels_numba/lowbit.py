@@ -192,10 +192,19 @@ def _digits_t3(builder, q):
     return out
 
 
-def _planes_dot(digits, nplanes, wide=False):
+def _masked_t2(builder, c):
+    """<W x i8> codes -> the 4 code planes left in place, c & (3 << 2i) = 4**i * plane i: one
+    and a plane and no shift (vpdpbusd takes them as they are, the sums are 4**i too large)."""
+    w = c.type.count
+    return [builder.and_(c, ir.Constant(ir.VectorType(_i8, w), [3 << 2 * i] * w)) for i in range(4)]
+
+
+def _planes_dot(digits, nplanes, wide=False, masked=None):
     """An intrinsic (codes row, plane 0, ..., plane P-1) -> int32 sum(code * x): the row's bytes
     in steps of 32 (or 64 with ``wide``: zmm vpdpbusd, half the instructions; a 32-byte tail);
-    digits(builder, <W x i8>) gives the P code planes of W bytes."""
+    digits(builder, <W x i8>) gives the P code planes of W bytes. masked (wide steps only): planes
+    as (function like digits, each plane's power-of-two factor as a shift), the factor taken off
+    each plane's int32 sum at the end (exact: every product is a multiple of it)."""
     def impl(typingctx, codes, *planes):
         if len(planes) != nplanes or codes.layout != "C" or any(p.layout != "C" for p in planes):
             return None
@@ -227,7 +236,7 @@ def _planes_dot(digits, nplanes, wide=False):
                     off = builder.mul(loop.index, ir.Constant(_i64, 64))
                     # hints ahead into L2, as int4 rows do (ternary 1B, 1 thread: 19-21 -> 17-18 ms a token)
                     _prefetch_l2(builder, cbase, off, PREFETCH)
-                    for i, d in enumerate(digits(builder, load64(cbase, off))):
+                    for i, d in enumerate((masked[0] if masked else digits)(builder, load64(cbase, off))):
                         xv = load64(pbase[i], off)
                         builder.store(_call(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32,
                                             [builder.load(wacc[i]), builder.bitcast(d, _v16i32),
@@ -235,9 +244,12 @@ def _planes_dot(digits, nplanes, wide=False):
                 tail = builder.icmp_unsigned("!=", builder.urem(nbytes, ir.Constant(_i64, 64)), ir.Constant(_i64, 0))
                 with builder.if_then(tail):
                     step32(builder.sub(nbytes, ir.Constant(_i64, 32)))
-                w = builder.load(wacc[0])
-                for a in wacc[1:]:
-                    w = builder.add(w, builder.load(a))
+                w = None
+                for i, a in enumerate(wacc):
+                    v = builder.load(a)
+                    if masked and masked[1][i]:
+                        v = builder.ashr(v, ir.Constant(_v16i32, [masked[1][i]] * 16))
+                    w = v if w is None else builder.add(w, v)
                 lo = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8))))
                 hi = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8, 16))))
                 total = builder.add(lo, hi)
@@ -249,7 +261,7 @@ def _planes_dot(digits, nplanes, wide=False):
 
 
 def _t2_dot(typingctx, codes, x0, x1, x2, x3):
-    return _planes_dot(_digits_t2, 4, WIDE)(typingctx, codes, x0, x1, x2, x3)
+    return _planes_dot(_digits_t2, 4, WIDE, (_masked_t2, (0, 2, 4, 6)))(typingctx, codes, x0, x1, x2, x3)
 
 
 def _t3_dot(typingctx, codes, x0, x1, x2, x3, x4):
@@ -257,6 +269,64 @@ def _t3_dot(typingctx, codes, x0, x1, x2, x3, x4):
 
 
 dot_t2_simd = intrinsic(_t2_dot)
+
+
+@intrinsic
+def dot_t2_rows4(typingctx, codes, r0, x0, x1, x2, x3):
+    """dot_t2_simd for the 4 rows r0..r0+3 of 2-D codes (512-bit VNNI only): each step's 4
+    activation planes are loaded once for the 4 rows (a row alone loads 4 planes a 64-byte step
+    of codes, so loads, not vpdpbusd, were its limit), the planes masked in place (_masked_t2).
+    Rows whose byte count is not a multiple of 64 end with a 32-byte step per row."""
+    planes = (x0, x1, x2, x3)
+    if not (WIDE and isinstance(codes, types.Array) and codes.ndim == 2 and codes.layout == "C"
+            and all(p.layout == "C" for p in planes)):
+        return None
+    sig = types.UniTuple(types.int32, 4)(codes, r0, x0, x1, x2, x3)
+
+    def codegen(context, builder, sig_, args):
+        arr = context.make_array(sig_.args[0])(context, builder, args[0])
+        stride = builder.extract_value(arr.strides, 0)
+        nbytes = builder.extract_value(arr.shape, 1)
+        r = context.cast(builder, args[1], sig_.args[1], types.int64)
+        rbase = [builder.add(builder.ptrtoint(arr.data, _i64), builder.mul(builder.add(r, ir.Constant(_i64, k)), stride))
+                 for k in range(4)]
+        pbase = [_data(context, builder, sig_.args[i + 2], args[i + 2])[0] for i in range(4)]
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_v16i32, None)) for _ in range(4)] for _ in range(4)]
+
+        def load64(base, off):
+            ld = builder.load(builder.inttoptr(builder.add(base, off), _v64i8.as_pointer()))
+            ld.align = 1
+            return ld
+        with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(_i64, 64))) as loop:
+            off = builder.mul(loop.index, ir.Constant(_i64, 64))
+            for base in rbase:
+                _prefetch_l2(builder, base, off, PREFETCH)
+            xs = [builder.bitcast(load64(pb, off), _v16i32) for pb in pbase]
+            for base, acc in zip(rbase, accs):
+                for i, d in enumerate(_masked_t2(builder, load64(base, off))):
+                    builder.store(_call(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32,
+                                        [builder.load(acc[i]), builder.bitcast(d, _v16i32), xs[i]]), acc[i])
+        tails = [cgutils.alloca_once_value(builder, ir.Constant(_v8i32, None)) for _ in range(4)]
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nbytes, ir.Constant(_i64, 64)),
+                                                   ir.Constant(_i64, 0))):
+            off = builder.sub(nbytes, ir.Constant(_i64, 32))
+            for base, tail in zip(rbase, tails):
+                t = builder.load(tail)
+                for i, d in enumerate(_digits_t2(builder, _load32(builder, base, off))):
+                    t = _udot_acc(builder, t, d, _load32(builder, pbase[i], off))
+                builder.store(t, tail)
+        totals = []
+        for acc, tail in zip(accs, tails):
+            w = None
+            for i, a in enumerate(acc):
+                v = builder.ashr(builder.load(a), ir.Constant(_v16i32, [2 * i] * 16)) if i else builder.load(a)
+                w = v if w is None else builder.add(w, v)
+            lo = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8))))
+            hi = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8, 16))))
+            totals.append(_hsum(builder, builder.add(builder.add(lo, hi), builder.load(tail))))
+        return context.make_tuple(builder, sig_.return_type, totals)
+
+    return sig, codegen
 dot_t3_simd = intrinsic(_t3_dot)
 
 

@@ -217,6 +217,29 @@ def test_ternary_decode_uses_byte_dot_products():
     assert want in asm, f"no {want} in gemm_ternary ({LB.ISA})"
 
 
+@pytest.mark.parametrize("nbytes", [32, 96, 128, 544])
+def test_ternary_four_row_dot_equals_numpy(nbytes):
+    """lowbit.dot_t2_rows4 (4 rows, activation planes loaded once, planes masked in place and
+    scaled back at the end) gives the exact integer dots of the codes against the planes, with
+    and without a 32-byte tail step."""
+    if not LB.WIDE:
+        pytest.skip("dot_t2_rows4 is the 512-bit VNNI kernel")
+    from numba import njit
+    rng = np.random.default_rng(nbytes)
+    t = rng.integers(0, 3, (12, nbytes, 4))             # codes t + 1 in {0, 1, 2}, 4 to a byte
+    codes = (t * np.array([1, 4, 16, 64])).sum(-1).astype(np.uint8)
+    planes = rng.integers(-128, 128, (4, nbytes), dtype=np.int8)
+
+    @njit
+    def run(codes, p):
+        out = np.empty(codes.shape[0], np.int32)
+        for b in range(codes.shape[0] // 4):
+            out[4 * b], out[4 * b + 1], out[4 * b + 2], out[4 * b + 3] = LB.dot_t2_rows4(codes, 4 * b, p[0], p[1], p[2], p[3])
+        return out
+    want = np.einsum("rjk,kj->r", t.astype(np.int64), planes.astype(np.int64))
+    np.testing.assert_array_equal(run(codes, planes), want)
+
+
 # ------------------------------------------------------------------ quantizer and convert CLI
 
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
