@@ -485,7 +485,7 @@ def get_backend(device: str = "cpu", act_quant: bool = True):
         raise InputError(f"unknown device {device!r}: choose cpu or cuda")
     if device == "cuda":
         from .backend_cuda import cuda_backend      # numba-cuda is imported only here (the `cuda` extra)
-        return cuda_backend()
+        return cuda_backend(act_quant)
     if (device, act_quant) not in _BACKENDS:
         _BACKENDS[device, act_quant] = CPUBackend(act_quant)
     return _BACKENDS[device, act_quant]

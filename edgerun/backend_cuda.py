@@ -344,11 +344,13 @@ class CUDABackend:
         return runner_for(model, self)
 
 
-_BACKEND: CUDABackend | None = None
+_BACKENDS: dict[bool, CUDABackend] = {}
 
 
-def cuda_backend() -> CUDABackend:
-    global _BACKEND
-    if _BACKEND is None:
-        _BACKEND = CUDABackend()
-    return _BACKEND
+def cuda_backend(act_quant: bool = True) -> CUDABackend:
+    """The CUDA ops table, one per act_quant setting (as the CPU's)."""
+    if act_quant not in _BACKENDS:
+        b = CUDABackend()
+        b.act_quant = bool(act_quant)
+        _BACKENDS[act_quant] = b
+    return _BACKENDS[act_quant]

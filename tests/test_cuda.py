@@ -538,3 +538,12 @@ def test_bitnet_logits_gpu_equal_cpu(hf_dir_factory, quant):
     gpu.step(sg, ids[:5])
     for t in ids[5:]:
         check(gpu.step(sg, [t]), cpu.step(sc, [t]), 1e-3, "BitNet decode logits")
+
+
+def test_act_quant_reaches_the_gpu_backend():
+    """edgerun.load(..., device="cuda", act_quant=False) keeps float activations on the GPU as on
+    the CPU: one GPU ops table per setting, the default int8 activations."""
+    from edgerun.backend import get_backend
+    assert get_backend("cuda").act_quant is True
+    assert get_backend("cuda", act_quant=False).act_quant is False
+    assert get_backend("cuda", act_quant=False) is not get_backend("cuda")
