@@ -11,9 +11,10 @@ bytes 4k..4k+3 of each of the 16 rows (``pack_panel_*``: 16 loads and 64 shuffle
 the micro-kernel (``tile_*``) takes 8 (or 4) tokens at a time: per 4 inputs, one 64-byte panel load
 and 8 vpdpbusd with each token's 4 activation bytes broadcast from memory (``{1to16}``); per block
 of 32 inputs and token, one convert, one multiply (weight scales x the token's scale) and one fma
-for all 16 rows. 64 vpdpbusd then share the two FMA pipes with 16 multiplies and fmas (24 with
-mins): ~185 GMAC/s a thread measured in the tile (80% of the peak, the bound of this schedule);
-the whole GEMM gets 150-185 with the panel transposes, the activation quantization and the stores.
+for all 16 rows. Per block, 64 vpdpbusd share Zen 4's two FMA pipes with 16 multiplies and fmas
+(24 with mins), so this schedule tops out near 64 / 80 of vpdpbusd's rate: measured ~185 GMAC/s a
+thread in the tile alone, 145-185 for the whole GEMM (panel transposes, activation quantization,
+stores) at T = 64..512 (benchmarks/gemm_bench.py), against ~50 for the row kernels.
 
 Unsigned x signed: vpdpbusd multiplies unsigned bytes (the panel) by signed ones (the broadcast
 activations), so int8 weights are stored as q + 128 (q ^ 0x80); int4 panels keep the packed bytes
