@@ -163,6 +163,26 @@ def _load32(builder, base, off):
     return ld
 
 
+def _load64(builder, base, off):
+    ld = builder.load(builder.inttoptr(builder.add(base, off), _v64i8.as_pointer()))
+    ld.align = 1
+    return ld
+
+
+def _planes_sum8(builder, accs, shifts):
+    """<16 x i32> plane accumulators -> <8 x i32>: each shifted right by its plane's factor
+    (exact: every product in it is a multiple of 2**shift), summed, the two halves added."""
+    w = None
+    for a, sh in zip(accs, shifts):
+        v = builder.load(a)
+        if sh:
+            v = builder.ashr(v, ir.Constant(_v16i32, [sh] * 16))
+        w = v if w is None else builder.add(w, v)
+    lo = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8))))
+    hi = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8, 16))))
+    return builder.add(lo, hi)
+
+
 def _hsum(builder, v):
     r = builder.extract_element(v, ir.Constant(_i32, 0))
     for i in range(1, 8):
@@ -227,32 +247,20 @@ def _planes_dot(digits, nplanes, wide=False, masked=None):
                 total = None
             else:
                 wacc = [cgutils.alloca_once_value(builder, ir.Constant(_v16i32, None)) for _ in range(nplanes)]
-
-                def load64(base, off):
-                    ld = builder.load(builder.inttoptr(builder.add(base, off), _v64i8.as_pointer()))
-                    ld.align = 1
-                    return ld
                 with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(_i64, 64))) as loop:
                     off = builder.mul(loop.index, ir.Constant(_i64, 64))
                     # hints ahead into L2, as int4 rows do (ternary 1B, 1 thread: 19-21 -> 17-18 ms a token)
                     _prefetch_l2(builder, cbase, off, PREFETCH)
-                    for i, d in enumerate((masked[0] if masked else digits)(builder, load64(cbase, off))):
-                        xv = load64(pbase[i], off)
+                    planes = (masked[0] if masked else digits)(builder, _load64(builder, cbase, off))
+                    for i, d in enumerate(planes):
+                        xv = _load64(builder, pbase[i], off)
                         builder.store(_call(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32,
                                             [builder.load(wacc[i]), builder.bitcast(d, _v16i32),
                                              builder.bitcast(xv, _v16i32)]), wacc[i])
                 tail = builder.icmp_unsigned("!=", builder.urem(nbytes, ir.Constant(_i64, 64)), ir.Constant(_i64, 0))
                 with builder.if_then(tail):
                     step32(builder.sub(nbytes, ir.Constant(_i64, 32)))
-                w = None
-                for i, a in enumerate(wacc):
-                    v = builder.load(a)
-                    if masked and masked[1][i]:
-                        v = builder.ashr(v, ir.Constant(_v16i32, [masked[1][i]] * 16))
-                    w = v if w is None else builder.add(w, v)
-                lo = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8))))
-                hi = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8, 16))))
-                total = builder.add(lo, hi)
+                total = _planes_sum8(builder, wacc, masked[1] if masked else [0] * nplanes)
             for a in accs:
                 total = builder.load(a) if total is None else builder.add(total, builder.load(a))
             return _hsum(builder, total)
@@ -292,18 +300,13 @@ def dot_t2_rows4(typingctx, codes, r0, x0, x1, x2, x3):
                  for k in range(4)]
         pbase = [_data(context, builder, sig_.args[i + 2], args[i + 2])[0] for i in range(4)]
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(_v16i32, None)) for _ in range(4)] for _ in range(4)]
-
-        def load64(base, off):
-            ld = builder.load(builder.inttoptr(builder.add(base, off), _v64i8.as_pointer()))
-            ld.align = 1
-            return ld
         with cgutils.for_range(builder, builder.udiv(nbytes, ir.Constant(_i64, 64))) as loop:
             off = builder.mul(loop.index, ir.Constant(_i64, 64))
             for base in rbase:
                 _prefetch_l2(builder, base, off, PREFETCH)
-            xs = [builder.bitcast(load64(pb, off), _v16i32) for pb in pbase]
+            xs = [builder.bitcast(_load64(builder, pb, off), _v16i32) for pb in pbase]
             for base, acc in zip(rbase, accs):
-                for i, d in enumerate(_masked_t2(builder, load64(base, off))):
+                for i, d in enumerate(_masked_t2(builder, _load64(builder, base, off))):
                     builder.store(_call(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32,
                                         [builder.load(acc[i]), builder.bitcast(d, _v16i32), xs[i]]), acc[i])
         tails = [cgutils.alloca_once_value(builder, ir.Constant(_v8i32, None)) for _ in range(4)]
@@ -315,15 +318,8 @@ def dot_t2_rows4(typingctx, codes, r0, x0, x1, x2, x3):
                 for i, d in enumerate(_digits_t2(builder, _load32(builder, base, off))):
                     t = _udot_acc(builder, t, d, _load32(builder, pbase[i], off))
                 builder.store(t, tail)
-        totals = []
-        for acc, tail in zip(accs, tails):
-            w = None
-            for i, a in enumerate(acc):
-                v = builder.ashr(builder.load(a), ir.Constant(_v16i32, [2 * i] * 16)) if i else builder.load(a)
-                w = v if w is None else builder.add(w, v)
-            lo = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8))))
-            hi = builder.shuffle_vector(w, w, ir.Constant(_v8i32, list(range(8, 16))))
-            totals.append(_hsum(builder, builder.add(builder.add(lo, hi), builder.load(tail))))
+        totals = [_hsum(builder, builder.add(_planes_sum8(builder, acc, (0, 2, 4, 6)), builder.load(tail)))
+                  for acc, tail in zip(accs, tails)]
         return context.make_tuple(builder, sig_.return_type, totals)
 
     return sig, codegen
