@@ -9,9 +9,11 @@ The embedding table and the head are int8 in every variant (as BitNet keeps them
 layer matrices are KIND.
 
 In one process, interleaved by round (int8, int4, ternary, int8, ...): decode --gen tokens after
-a 32-token prompt, and the streaming-read bandwidth (edgerun.bench.memory_bandwidth: the best of
-anonymous memory and the three models' own mapped weights) before every round. Roofline ratio =
-decode tok/s x bytes read per token / that round's bandwidth (median over rounds).
+a 32-token prompt, with the streaming-read bandwidth (edgerun.bench.memory_bandwidth: the best of
+anonymous memory and the models' own mapped weights) measured between every two decode samples.
+This machine's bandwidth drifts by tens of percent within seconds, so each sample is held against
+the bandwidth measured just before and just after it: roofline ratio = decode tok/s x bytes read
+per token / the mean of those two (median over rounds).
 """
 from __future__ import annotations
 
@@ -124,21 +126,23 @@ def main(argv=None):
         decode_tok_s(models[kind], 2, 0)                 # compile / warm, pages in
         print(f"{kind}: {path} ({path.stat().st_size / 2**30:.2f} GiB) ready in {time.perf_counter() - t0:.0f} s",
               flush=True)
-    bw, dec = [], {k: [] for k in models}
+    def bandwidth():
+        return memory_bandwidth(a.threads, repeats=3, also=[m.file.data for m in models.values()])
+
+    bw, dec, around = [bandwidth()], {k: [] for k in models}, {k: [] for k in models}
     for r in range(a.rounds):
-        bw.append(memory_bandwidth(a.threads, repeats=3, also=[m.file.data for m in models.values()]))
         for kind, m in models.items():
             dec[kind].append(decode_tok_s(m, a.gen, r + 1))
+            bw.append(bandwidth())
+            around[kind].append((bw[-2] + bw[-1]) / 2)     # just before and just after this sample
     band = statistics.median(bw)
     rows = []
     for kind, m in models.items():
         per_token = bytes_per_token(m)
         tok_s = statistics.median(dec[kind])
-        # the machine drifts by tens of percent between rounds: each round's decode against the
-        # bandwidth measured just before it, then the median of those ratios
-        ratio = statistics.median(d * per_token / b for d, b in zip(dec[kind], bw))
+        ratio = statistics.median(d * per_token / b for d, b in zip(dec[kind], around[kind]))
         rows.append({"kind": kind, "decode_tok_s": tok_s, "decode_all": dec[kind], "bytes_per_token": per_token,
-                     "roofline_tok_s": band / per_token, "roofline_ratio": ratio})
+                     "bandwidth_around": around[kind], "roofline_tok_s": band / per_token, "roofline_ratio": ratio})
         print(f"{kind:8s} decode {tok_s:6.2f} tok/s  {per_token / 2**20:7.1f} MiB/token  roofline {band / per_token:6.2f} "
               f"tok/s  -> {100 * ratio:4.0f}% of it (median of per-round ratios)", flush=True)
     speed = {r["kind"]: r["decode_tok_s"] for r in rows}
@@ -146,7 +150,8 @@ def main(argv=None):
         print(f"ternary / int4 decode: {speed['ternary'] / speed['int4']:.2f}x")
     if "sparse24" in speed and "int8" in speed:
         print(f"2:4 int8 / dense int8 decode: {speed['sparse24'] / speed['int8']:.2f}x")
-    print(f"bandwidth {band / 1e9:.1f} GB/s (median of {a.rounds}, {a.threads} threads, streaming read)")
+    print(f"bandwidth {band / 1e9:.1f} GB/s (median of {len(bw)} samples, {min(bw) / 1e9:.1f}-{max(bw) / 1e9:.1f}; "
+          f"{a.threads} threads, streaming read)")
     a.out.write_text(json.dumps({"bench": "roofline_1b", "shape": SHAPE, "threads": a.threads, "rounds": a.rounds,
                                  "gen_tokens": a.gen, "bandwidth_gb_s": band / 1e9, "bandwidth_all": bw,
                                  "results": rows}, indent=1))

@@ -80,9 +80,10 @@ class CPUBackend:
             return None
         per_token = any(isinstance(m, (fused.TernaryRows, fused.Sparse24Rows)) for m in mats)
         quad = any(isinstance(m, fused.Int4G32Rows) for m in mats)
+        block = any(isinstance(m, (Int8Weight, fused.Int4Rows, fused.Int4G32Rows)) for m in mats)
 
         def act(n):
-            return fused.activations(n, per_token, quad)
+            return fused.activations(n, per_token, quad, block)
 
         def ro(a):
             """A read-only view: norms, biases and placeholders alike (mapped from the file or made

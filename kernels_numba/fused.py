@@ -28,7 +28,7 @@ from numba.extending import overload
 from edgerun.packed import DenseWeight, Int4Weight, Int8Weight, Sparse24Weight, TernaryWeight
 
 from ._common import FASTMATH, JIT
-from .ops import rms_norm_heads, rope
+from .ops import rms_norm_heads, rope_qk
 from .paged_attention import paged_attention, store_kv_paged, store_kv_paged_int8
 from .lowbit import EXPAND, KB, TB, WIDE, _to_planes, dot_24_expand, dot_t2_rows4, dot_t2_simd, quantize_rows_int8
 from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int4_row_quad, dot_int8_row, quad_order, quantize_act
@@ -182,10 +182,11 @@ def has_blocks(mats, *widths) -> bool:
 
 @njit(fastmath=FASTMATH, **JIT)
 def quantize_both(x, a):
-    """x (n,) -> a's quantized forms: per block of 32 always; in quad order when the layer has
-    int4 g32 rows (a[7] not empty); per token (and in code order) only when it has ternary or 2:4
-    rows (a[6] not empty)."""
-    quantize_act(x, a[0], a[1], a[2])
+    """x (n,) -> a's quantized forms: per block of 32 when the layer has int8 or int4 rows (a[0]
+    not empty); also in quad order when it has int4 g32 rows (a[7] not empty); per token (and in
+    code order) when it has ternary or 2:4 rows (a[6] not empty)."""
+    if a[0].shape[0]:
+        quantize_act(x, a[0], a[1], a[2])
     if a[7].shape[0]:
         quad_order(a[0], a[7])
     if a[6].shape[1]:
@@ -193,12 +194,13 @@ def quantize_both(x, a):
         _to_planes(a[3][0], a[6])
 
 
-def activations(n: int, per_token: bool, quad: bool):
+def activations(n: int, per_token: bool, quad: bool, block: bool = True):
     """Scratch for quantize_both of an n-vector; per_token: the layer has ternary or 2:4 rows;
-    quad: int4 rows with groups of 32 (activations also in quad order)."""
-    nb = n // BLOCK
+    quad: int4 rows with groups of 32 (activations also in quad order); block: int8 or int4 rows
+    (activations per block of 32; a ternary-only layer skips that pass, 15 us a 1B layer)."""
+    nb = n // BLOCK if block or quad else 0
     npad = -(-n // TB) * TB if per_token else 0
-    return (np.empty(n, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32),
+    return (np.empty(n if nb else 0, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32),
             np.zeros((1, npad), np.int8), np.empty(1, np.float32), np.empty(1, np.int32),
             np.empty((4, npad // 4), np.int8), np.empty(n if quad else 0, np.int8))
 
@@ -288,8 +290,7 @@ def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, bias
     if qk_norms[0].shape[0]:
         rms_norm_heads(q, qk_norms[0], eps)
         rms_norm_heads(k, qk_norms[1], eps)
-    rope(q, positions, inv_freq, rope_scale)
-    rope(k, positions, inv_freq, rope_scale)
+    rope_qk(q, k, positions, inv_freq, rope_scale)
     start = positions[0]
     if quantized:
         store_kv_paged_int8(k, v, kp, vp, ks, vs, table, start)

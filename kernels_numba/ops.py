@@ -51,6 +51,25 @@ def rope(x, positions, inv_freq, attn_scale):
                 x[t, h, i + half] = b * c + a * s
 
 
+@njit(fastmath=FASTMATH, **JIT)
+def rope_qk(q, k, positions, inv_freq, attn_scale):
+    """rope on q and k of the same tokens in one serial pass, each angle's cos and sin once for
+    both (a decode step's 2 x 3 us became ~1.5 us a layer: no parallel region, half the trig)."""
+    half = inv_freq.shape[0]
+    for t in range(q.shape[0]):
+        p = positions[t]
+        for i in range(half):
+            ang = np.float64(p) * np.float64(inv_freq[i])
+            c = np.float32(np.cos(ang) * attn_scale)
+            s = np.float32(np.sin(ang) * attn_scale)
+            for x in (q, k):
+                for h in range(x.shape[1]):
+                    a = x[t, h, i]
+                    b = x[t, h, i + half]
+                    x[t, h, i] = a * c - b * s
+                    x[t, h, i + half] = b * c + a * s
+
+
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def silu_mul(gate, up, out):
     """out = silu(gate) * up, all (T, d)."""

@@ -292,6 +292,13 @@ def test_rope(d, rot, start, attn_scale):
     if rot < d:
         # dims past the rotary part are left alone
         np.testing.assert_array_equal(got[..., rot:], x[..., rot:])
+    # the fused decode layer's q-and-k form: the same values, bit for bit
+    k = r.normal(size=(T, 2, d)).astype(np.float32)
+    got_q, got_k, want_k = x.copy(), k.copy(), k.copy()
+    O.rope(want_k, positions, inv, attn_scale)
+    O.rope_qk(got_q, got_k, positions, inv, attn_scale)
+    np.testing.assert_array_equal(got_q, got)
+    np.testing.assert_array_equal(got_k, want_k)
 
 
 def test_silu_mul():
