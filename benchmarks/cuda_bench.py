@@ -105,30 +105,38 @@ def gemv_q8_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps
             "GBps_with_quantize": nbytes / res["quantize+gemv"] / 1e9, "rel_err_vs_cpu_q8": err}
 
 
-def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60, act_quant: bool = True) -> dict:
+def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60, act_quant: bool = True,
+                   norm: bool = False) -> dict:
     """GEMV n x n through ops.matmul (act_quant: int8 activations, the one-launch dp4a kernel; else float
-    activations): weight bytes (values + scales) per second, copies rotated so L2 can't serve them."""
+    activations; norm: the RMS norm fused, as for QKV and gate/up): weight bytes (values + scales) per
+    second, copies rotated so L2 can't serve them."""
     from edgerun.runner_cuda import random_weight
     ops.act_quant = act_quant
     copies = 3 if kind == "int8" else 5
     ws = [random_weight(ops, kind, n, n, seed=17 + i, group=group) for i in range(copies)]
     x = ops.to_device(np.random.default_rng(0).standard_normal((1, n)).astype(np.float32))
     out = ops.empty((1, n))
+    nwh = (1 + 0.2 * np.random.default_rng(1).standard_normal(n)).astype(np.float32)
+    kw = dict(norm_w=ops.to_device(nwh), eps=1e-5) if norm else {}
     for w in ws:
-        ops.matmul(x, w, out)
+        ops.matmul(x, w, out, **kw)
     cuda.synchronize()
     # correctness of one copy against the CPU kernel (gemm_<kind>_q8 with int8 activations)
     from edgerun.kernels_numba import linear as cpu
     w = ws[0]
     ref = np.empty((1, n), np.float32)
     sfx = "_q8" if act_quant else ""
+    xin = x.copy_to_host()
+    if norm:
+        from edgerun.kernels_numba import ops as cpu_ops
+        xin = cpu_ops.rms_norm_ref(xin, nwh, 1e-5).astype(np.float32)
     if kind == "int8":
-        getattr(cpu, "gemm_int8" + sfx)(x.copy_to_host(), w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16),
+        getattr(cpu, "gemm_int8" + sfx)(xin, w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16),
                                         w.group, ref)
     else:
-        getattr(cpu, "gemm_int4" + sfx)(x.copy_to_host(), w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16),
+        getattr(cpu, "gemm_int4" + sfx)(xin, w.a.copy_to_host(), w.b.copy_to_host().view(np.uint16),
                                         np.zeros((0, 0), np.uint16), w.group, ref)
-    ops.matmul(x, w, out)
+    ops.matmul(x, w, out, **kw)
     err = float(np.abs(out.copy_to_host() - ref).max() / np.abs(ref).max())
     nbytes = w.a.nbytes + w.b.nbytes
     # the launches as the decode plan makes them (raw cuLaunchKernel, a few us), so that the host
@@ -136,12 +144,12 @@ def gemv_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: i
     from edgerun.kernels_cuda._launch import recording
     with recording() as plan:
         for w_ in ws:
-            ops.matmul(x, w_, out)
+            ops.matmul(x, w_, out, **kw)
     per = len(plan) // copies
     t = _time_plan(cuda, plan, per, copies, reps)
     ops.act_quant = True
     return {"kind": kind, "n": n, "group": w.group, "bytes": nbytes, "us": t * 1e6, "GBps": nbytes / t / 1e9,
-            "rel_err_vs_cpu": err, "act_quant": act_quant, "launches": per}
+            "rel_err_vs_cpu": err, "act_quant": act_quant, "launches": per, "norm": norm}
 
 
 def _time_plan(cuda, plan, per, copies, reps):
@@ -159,41 +167,46 @@ def _time_plan(cuda, plan, per, copies, reps):
     return float(np.median(best))
 
 
-_READ = []
+_READ = {}
 
 
-def read_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60) -> dict:
-    """The GEMV's bytes (weights + scales of the same rotated copies) merely read and summed, 16 bytes a
-    load, 256 blocks of 256 threads as the GEMV launches them: what a kernel of this size can stream."""
+def read_bandwidth(cuda, ops, kind: str, n: int = 8192, group: int = 32, reps: int = 60, unroll: int = 1) -> dict:
+    """The GEMV's bytes (weights + scales of the same rotated copies) merely read and xor-ed, 16 bytes a
+    load, 256 blocks of 256 threads as the GEMV launches them, `unroll` independent loads in flight a
+    thread: what a kernel of this size can stream."""
     from edgerun.kernels_cuda._launch import go, recording
     from edgerun.kernels_cuda.linear import LD_W, make_ld4
     from edgerun.runner_cuda import random_weight
-    if not _READ:
+    if unroll not in _READ:
         ld4 = make_ld4(LD_W)
+        U = unroll
 
         @cuda.jit
         def read(a, b, out):
             t = cuda.grid(1)
-            nt = cuda.gridsize(1)
+            nt = cuda.gridsize(1) * 4
             s = np.uint32(0)
-            for i in range(t * 4, a.shape[0], nt * 4):
-                v0, v1, v2, v3 = ld4(a, i)
-                s ^= v0 ^ v1 ^ v2 ^ v3
-            for i in range(t * 4, b.shape[0], nt * 4):
-                v0, v1, v2, v3 = ld4(b, i)
-                s ^= v0 ^ v1 ^ v2 ^ v3
+            for arr in (a, b):
+                m = arr.shape[0]
+                for i in range(t * 4, m, nt * U):
+                    for u in range(U):
+                        j = i + u * nt
+                        if j < m:
+                            v0, v1, v2, v3 = ld4(arr, j)
+                            s ^= v0 ^ v1 ^ v2 ^ v3
             if s == np.uint32(12345):
                 out[0] = s
-        _READ.append(read)
+        _READ[unroll] = read
     copies = 3 if kind == "int8" else 5
     ws = [random_weight(ops, kind, n, n, seed=17 + i, group=group) for i in range(copies)]
     out = cuda.device_array(1, np.uint32)
     with recording() as plan:
         for w in ws:
-            go(_READ[0], 256, 256, 0, 0, (w.words.reshape(w.words.size), w.b.reshape(w.b.size).view(np.uint32), out))
+            go(_READ[unroll], 256, 256, 0, 0, (w.words.reshape(w.words.size), w.b.reshape(w.b.size).view(np.uint32),
+                                               out))
     t = _time_plan(cuda, plan, 1, copies, reps)
     nbytes = ws[0].a.nbytes + ws[0].b.nbytes
-    return {"kind": kind, "group": group, "us": t * 1e6, "GBps": nbytes / t / 1e9}
+    return {"kind": kind, "group": group, "unroll": unroll, "us": t * 1e6, "GBps": nbytes / t / 1e9}
 
 
 def sample_timing(cuda, vocab: int = 32000, reps: int = 20) -> dict:
@@ -322,45 +335,58 @@ def main():
     print(f"device-to-device copy: {res['copy_GBps']:.0f} GB/s (read + write)", flush=True)
     res["gemv"] = []
     lin = ops._lin
-    variants = [{}]
+    shapes = (("int8", 8192), ("int8", 32), ("int4", 32))
+    variants = [({}, shapes)]
     if a.sweep:
-        variants += [{"pdl": False}, {"depth": 2}, {"ahead": 2}, {"ahead": 4}, {"ahead": 8}, {"ahead": 4, "depth": 2},
-                     {"prefetch": True}]
+        i4, i8 = shapes[2:], shapes[:2]
+        variants += [({"threads": 512}, shapes), ({"stages4": 6}, i4), ({"threads": 512, "stages4": 6}, i4),
+                     ({"threads": 512, "stages4": 3, "stages8": 3}, shapes), ({"norm": True}, shapes),
+                     ({"norm": True, "threads": 512}, shapes), ({"norm": True, "threads": 512, "stages4": 6}, i4),
+                     ({"stages4": 0, "stages8": 0}, shapes)]
     from edgerun.kernels_cuda import _launch
-    pdl0, pf0, dp0, ah0 = _launch.PDL, lin.FQ8_PREFETCH, lin.FQ8_DEPTH, lin.FQ8_L2AHEAD
-    for v in variants:
-        lin.GEMV_KS, lin.FQ8_MAXREG, lin.FQ8_PREFETCH = v.get("ks", 0), v.get("maxreg", 128), v.get("prefetch", pf0)
-        lin.FQ8_DEPTH, lin.FQ8_L2AHEAD = v.get("depth", dp0), v.get("ahead", ah0)
+    pdl0, st0, q0, tb0 = _launch.PDL, dict(lin.FQ8_STAGES), lin.FQ8_QUANT, lin.FQ8_THREADS
+    for v, kinds in variants:
+        lin.FQ8_MAXREG, lin.FQ8_THREADS = v.get("maxreg", 128), v.get("threads", tb0)
+        lin.FQ8_STAGES = {"int8": v.get("stages8", st0["int8"]), "int4": v.get("stages4", st0["int4"])}
+        lin.FQ8_QUANT = v.get("quant", q0)
         _launch.PDL = v.get("pdl", pdl0)
-        for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
-            g = gemv_bandwidth(cuda, ops, kind, group=group)
+        for kind, group in kinds:
+            g = gemv_bandwidth(cuda, ops, kind, group=group, norm=v.get("norm", False))
             g["of_copy"] = g["GBps"] / res["copy_GBps"]
             g["variant"] = str(v or "default")
-            g["split"] = lin.gemv_split(kind, 8192, 8192)
-            per_row = kind == "int8" and group == 8192 and lin.FQ8_L2AHEAD == 0
-            k = lin._gemv_fq8_kernel(kind, g["split"], lin._fq8_nmax(8192),
-                                     ahead=lin.FQ8_L2AHEAD_PER_ROW if per_row else None)
+            S = lin.FQ8_STAGES[kind]
+            tb = lin.fq8s_threads() if S else lin.BLOCK
+            g["split"] = lin.gemv_split(kind, 8192, 8192, tb // 32)
+            g["stages"], g["threads"] = S, tb
+            if S:
+                k = lin._gemv_fq8s_kernel(kind, g["split"], lin._fq8_nmax(8192), S)
+            else:
+                per_row = kind == "int8" and group == 8192 and lin.FQ8_L2AHEAD == 0
+                k = lin._gemv_fq8_kernel(kind, g["split"], lin._fq8_nmax(8192),
+                                         ahead=lin.FQ8_L2AHEAD_PER_ROW if per_row else None)
             try:
                 g["regs"] = max(k.get_regs_per_thread().values())
                 g["local_bytes"] = max(k.get_local_mem_per_thread().values())
-                g["smem"] = max(k.get_shared_mem_per_block().values())
+                g["smem"] = max(k.get_shared_mem_per_block().values()) + (lin.fq8s_smem(S) if S else 0)
+                g["blocks_per_sm"] = _launch.occupancy(k, tb, lin.fq8s_smem(S) if S else 0)
             except Exception as e:          # noqa: BLE001 (a report, not a check)
                 g["regs"] = str(e)[:60]
             res["gemv"].append(g)
             print(f"GEMV {kind} 8192x8192 group {g['group']}, int8 activations, one launch ({g['variant']}, split "
-                  f"{g['split']}, regs {g.get('regs')}, local {g.get('local_bytes')}, smem {g.get('smem')}, "
+                  f"{g['split']}, stages {S}, {tb} threads, regs {g.get('regs')}, local {g.get('local_bytes')}, smem {g.get('smem')}, "
+                  f"{g.get('blocks_per_sm')} blocks/SM, "
                   f"{g['launches']} launch): {g['us']:.1f} us, {g['GBps']:.0f} GB/s = {100 * g['of_copy']:.0f}% of copy; "
                   f"rel err vs CPU q8 {g['rel_err_vs_cpu']:.1e}", flush=True)
-    lin.GEMV_KS, lin.FQ8_DEPTH, lin.FQ8_MAXREG, lin.FQ8_PREFETCH, _launch.PDL = 0, dp0, 128, pf0, pdl0
-    lin.FQ8_L2AHEAD = ah0
+    lin.FQ8_MAXREG, lin.FQ8_STAGES, lin.FQ8_QUANT, _launch.PDL, lin.FQ8_THREADS = 128, st0, q0, pdl0, tb0
     res["pdl"] = pdl0
     res["gemv_read_only"] = []
     for kind, group in (("int8", 8192), ("int4", 32)):
-        r = read_bandwidth(cuda, ops, kind, group=group)
-        r["of_copy"] = r["GBps"] / res["copy_GBps"]
-        res["gemv_read_only"].append(r)
-        print(f"read only, the {kind} GEMV's bytes: {r['us']:.1f} us, {r['GBps']:.0f} GB/s = {100 * r['of_copy']:.0f}% "
-              f"of copy", flush=True)
+        for unroll in (1, 4):
+            r = read_bandwidth(cuda, ops, kind, group=group, unroll=unroll)
+            r["of_copy"] = r["GBps"] / res["copy_GBps"]
+            res["gemv_read_only"].append(r)
+            print(f"read only, the {kind} GEMV's bytes, {unroll} 16-byte load(s) in flight a thread: {r['us']:.1f} us, "
+                  f"{r['GBps']:.0f} GB/s = {100 * r['of_copy']:.0f}% of copy", flush=True)
     res["gemv_float_acts"] = []
     for kind, group in (("int8", 8192), ("int8", 32), ("int4", 32)):
         g = gemv_bandwidth(cuda, ops, kind, group=group, act_quant=False)

@@ -47,7 +47,50 @@ def go(kern, grid, block, stream, smem, args):
         return
     if any(isinstance(a, Dyn) for a in args):
         args = [int(a) if isinstance(a, Dyn) else a for a in args]
+    if smem and id(kern) in _BIG_SMEM and not SIM:
+        allow_smem(kern.compile(tuple(kern.typeof_pyval(a) for a in args)), smem)
     kern[grid, block, stream, smem](*args)
+
+
+_SMEM_OK: dict = {}
+_BIG_SMEM: set = set()
+
+
+def big_smem(kern):
+    """Mark a kernel whose static + dynamic shared memory may pass 48 KB: its launches opt in
+    (allow_smem) and prefer the largest shared-memory carveout."""
+    _BIG_SMEM.add(id(kern))
+    return kern
+
+
+def allow_smem(compiled, nbytes: int):
+    """Let a compiled kernel launch with nbytes (> 48 KB) of dynamic shared memory: the attribute
+    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES on its CUkernel (numba-cuda loads kernels
+    through cuLibrary*, so cuKernelSetAttribute, not cuFuncSetAttribute)."""
+    from cuda.bindings import driver as drv
+    cf = compiled._codelibrary.get_cufunc()
+    key = int(cf.handle)
+    if _SMEM_OK.get(key, 0) < nbytes:
+        err, = drv.cuKernelSetAttribute(drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                        int(nbytes), drv.CUkernel(key), drv.CUdevice(cf.device.id))
+        if err != drv.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuKernelSetAttribute(max dynamic shared memory {nbytes}) failed: {err}")
+        err, = drv.cuKernelSetAttribute(drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                                        100, drv.CUkernel(key), drv.CUdevice(cf.device.id))
+        _SMEM_OK[key] = nbytes
+
+
+def occupancy(kern, block: int, smem: int) -> int:
+    """Blocks of `block` threads with `smem` dynamic shared memory that one SM holds at once (the
+    kernel's first compiled overload; a report for benchmarks)."""
+    from cuda.bindings import driver as drv
+    k = next(iter(kern.overloads.values()))
+    if smem and id(kern) in _BIG_SMEM:
+        allow_smem(k, smem)
+    cf = k._codelibrary.get_cufunc()
+    err, f = drv.cuKernelGetFunction(drv.CUkernel(int(cf.handle)))
+    err, nb = drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(f, block, smem)
+    return int(nb)
 
 
 @contextmanager
@@ -91,6 +134,8 @@ class Prepared:
         plain = [int(a) if isinstance(a, Dyn) else a for a in args]
         k = kern.compile(tuple(kern.typeof_pyval(a) for a in plain))
         self.func = drv.CUfunction(int(k._codelibrary.get_cufunc().handle))
+        if self.smem and id(kern) in _BIG_SMEM:
+            allow_smem(k, self.smem)
         vals = []
         for t, a in zip(k.argument_types, args):
             if hasattr(t, "ndim") and hasattr(t, "layout"):

@@ -32,8 +32,8 @@ import math
 import numpy as np
 from numba import cuda
 
-from ._launch import go, pdl
-from ._common import (BLOCK, F32, SIM, U32, bits_to_f32, block_sum, blocks, device, grid_wait, launch_dependents,
+from ._launch import _cc_major, big_smem, go, pdl
+from ._common import (BLOCK, F32, FULL, SIM, U32, bits_to_f32, block_sum, blocks, device, grid_wait, launch_dependents,
                       log2_exact, warp_max, warp_sum, warp_sum4)
 
 DENSE_ROWS = BLOCK // 32 * 4      # output rows per dense GEMV block: 4 per warp
@@ -95,7 +95,7 @@ LD_W = "ld.global.nc.L1::no_allocate"
 LD_X = "ld.global.nc"
 
 if SIM:
-    def make_ld4(op):
+    def make_ld4(op, side_effect=False):
         """ld4(a, i) -> (a[i], a[i+1], a[i+2], a[i+3]); on the GPU one 16-byte load (i a multiple of 4)."""
         def ld4(a, i):
             return a[i], a[i + 1], a[i + 2], a[i + 3]
@@ -106,10 +106,11 @@ else:
     from numba.cuda import cgutils
     from numba.cuda.extending import intrinsic
 
-    def make_ld4(op):
+    def make_ld4(op, side_effect=False):
         """ld4(a, i) -> the 4 elements a[i:i+4] of a 1-D array of 32-bit values in one 16-byte load
         (`op`.v4: PTX through inline asm, since numba has no vector loads); i a multiple of 4 and
-        the array 16-byte aligned."""
+        the array 16-byte aligned. LLVM takes such an asm for a pure function and may hoist it out
+        of the branch that guards it: side_effect=True for loads whose array may be a dummy."""
         @intrinsic
         def ld4(typingctx, arr, idx):
             dt = arr.dtype
@@ -125,13 +126,14 @@ else:
                 c = "f" if is_f else "r"
                 fnty = ir.FunctionType(ir.LiteralStructType([elt] * 4), [ptr.type])
                 asm = ir.InlineAsm(fnty, f"{op}.v4.{'f32' if is_f else 'u32'} {{$0, $1, $2, $3}}, [$4];",
-                                   f"={c},={c},={c},={c},l")
+                                   f"={c},={c},={c},={c},l", side_effect=side_effect)
                 r = builder.call(asm, [ptr])
                 return context.make_tuple(builder, sig.return_type, [builder.extract_value(r, k) for k in range(4)])
             return sig, codegen
         return ld4
 
 ldx4 = make_ld4(LD_X)
+ldx4g = make_ld4(LD_X, side_effect=True)    # guarded loads (never speculated)
 
 if SIM:
     def pf_l2(a, i):
@@ -680,19 +682,20 @@ def gemv_q8_fits(kind: str, n: int, group: int) -> bool:
     return n % 32 == 0 and gemv_fits(kind, n, group) and (kind != "int8" or group == n or group >= 16)
 
 
-def gemv_split(kind: str, n: int, rows: int) -> int:
+def gemv_split(kind: str, n: int, rows: int, wpb: int = WPB) -> int:
     """Warps sharing 4 rows: one (a warp streams whole rows, its loop pipelined: measured best on an
     H100, 8192 x 8192 int8 85% of the copy bandwidth vs 72% with 4), more when that leaves fewer
     than MIN_GEMV_BLOCKS blocks (o_proj, down_proj of small models), as long as every lane keeps
     a chunk."""
     if GEMV_KS:
-        return min(GEMV_KS, WPB)
+        return min(GEMV_KS, wpb)
     nc = n // (16 if kind == "int8" else 32)
     ks = 1
     if not GEMV_PIPE:                          # pairs: 2 chunks of a row a lane
-        while ks < WPB and nc >= 64 * ks * 2:
+        while ks < wpb and nc >= 64 * ks * 2:
             ks *= 2
-    while ks < WPB and nc >= 32 * ks * 2 and blocks(rows, WPB // ks * 4) < MIN_GEMV_BLOCKS:
+    min_blocks = MIN_GEMV_BLOCKS * WPB // wpb   # (the same number of warps)
+    while ks < wpb and nc >= 32 * ks * 2 and blocks(rows, wpb // ks * 4) < min_blocks:
         ks *= 2
     return ks
 
@@ -952,13 +955,328 @@ def _gemv_fq8_kernel(kind, KS, NMAX, depth=None, maxreg=None, prefetch=None, ahe
     return kernel
 
 
+# ------------------------------------------------------------------ int8 activations, weights staged through shared memory
+
+# cp.async stages of the one-launch int8-activation GEMV per weight kind (0: the register-pipelined
+# kernel above). A stage is one 16-byte chunk of each of a lane's 4 rows (16 KB a block); S stages
+# keep S - 1 chunks a lane in flight without holding registers.
+FQ8_STAGES = {"int8": 4, "int4": 4}
+FQ8_QUANT = "coalesced"           # the in-kernel quantization of the staged kernel: "coalesced" | "thread"
+FQ8_THREADS = 256                 # threads a block of the staged GEMV (512: one block an SM, x quantized once an SM)
+_U32D = np.dtype(np.uint32)          # (the simulator's dynamic shared arrays need a dtype object)
+
+if SIM:
+    def cp_async16(dst, di, src, si):
+        """(GPU) cp.async.cg of the 16 bytes src[si:si+4] into the shared dst[di:di+4] (32-bit elements)."""
+        dst[di], dst[di + 1], dst[di + 2], dst[di + 3] = src[si], src[si + 1], src[si + 2], src[si + 3]
+
+    def cp_commit():
+        pass
+
+    def _make_cp_wait(n):
+        def cp_wait():
+            pass
+        return cp_wait
+else:
+    @intrinsic
+    def cp_async16(typingctx, dst, di, src, si):
+        """cp.async.cg.shared.global of 16 bytes: &src[si] (global, 16-byte aligned) -> &dst[di] (a
+        1-D shared array): the copy runs while the thread goes on, no registers held (sm_80+)."""
+        sig = types.void(dst, di, src, si)
+
+        def codegen(context, builder, sig, args):
+            dty, dity, sty, sity = sig.args
+            dary = context.make_array(dty)(context, builder, value=args[0])
+            sary = context.make_array(sty)(context, builder, value=args[2])
+            dp = cgutils.get_item_pointer(context, builder, dty, dary, [context.cast(builder, args[1], dity, types.intp)])
+            sp = cgutils.get_item_pointer(context, builder, sty, sary, [context.cast(builder, args[3], sity, types.intp)])
+            fnty = ir.FunctionType(ir.VoidType(), [dp.type, sp.type])
+            asm = ("{ .reg .u64 %cpa; .reg .u32 %cpb; cvta.to.shared.u64 %cpa, $0; cvt.u32.u64 %cpb, %cpa; "
+                   "cp.async.cg.shared.global [%cpb], [$1], 16; }")
+            builder.call(ir.InlineAsm(fnty, asm, "l,l,~{memory}", side_effect=True), [dp, sp])
+            return context.get_dummy_value()
+        return sig, codegen
+
+    def _asm_void(text):
+        @intrinsic
+        def op(typingctx):
+            def codegen(context, builder, sig, args):
+                builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", side_effect=True), [])
+                return context.get_dummy_value()
+            return types.void(), codegen
+        return op
+
+    cp_commit = _asm_void("cp.async.commit_group;")
+
+    def _make_cp_wait(n):
+        """cp.async.wait_group n: all but the newest n committed groups of this thread have landed."""
+        return _asm_void(f"cp.async.wait_group {int(n)};")
+
+_CP_WAIT = {}
+
+
+def cp_wait_fn(n):
+    if n not in _CP_WAIT:
+        _CP_WAIT[n] = _make_cp_wait(n)
+    return _CP_WAIT[n]
+
+
+if SIM:
+    @cuda.jit(device=True)
+    def _group_max8(v, red):
+        t = cuda.threadIdx.x
+        red[t] = v
+        cuda.syncthreads()
+        b = t - t % 8
+        s = red[b]
+        for i in range(1, 8):
+            s = max(s, red[b + i])
+        cuda.syncthreads()
+        return np.float32(s)
+
+    @cuda.jit(device=True)
+    def _group_sum4(v, red):
+        t = cuda.threadIdx.x
+        red[t] = np.float32(v)
+        cuda.syncthreads()
+        b = t - t % 4
+        s = red[b] + red[b + 1] + red[b + 2] + red[b + 3]
+        cuda.syncthreads()
+        return np.int32(s)
+else:
+    @cuda.jit(device=True, inline=True)
+    def _group_max8(v, red):
+        """max over the 8 lanes t & ~7 .. t | 7 (every lane of the warp calls it)."""
+        v = max(v, cuda.shfl_xor_sync(FULL, v, 1))
+        v = max(v, cuda.shfl_xor_sync(FULL, v, 2))
+        return max(v, cuda.shfl_xor_sync(FULL, v, 4))
+
+    @cuda.jit(device=True, inline=True)
+    def _group_sum4(v, red):
+        """sum over the 4 lanes t & ~3 .. t | 3."""
+        v += cuda.shfl_xor_sync(FULL, v, 1)
+        return v + cuda.shfl_xor_sync(FULL, v, 2)
+
+
+def _make_quantize_coalesced(NMAX, TB):
+    """_quantize_into for TB threads with coalesced loads: 8 lanes a block of 32 inputs, 4 inputs a
+    lane, max and sums over the 8 lanes by shuffles, one word of 4 int8 a lane into shared memory.
+    All of a thread's x (NMAX / TB values) is loaded into registers at once (the rounds are
+    unrolled), so it waits for one round trip to L2 (two with a norm: x, then the norm weight
+    after the sum of squares), not one a round. The same arithmetic as
+    kernels_numba/simd.quantize_act on x * inv * w."""
+    R = max(1, NMAX // (4 * TB))
+    STRIDE = 4 * TB
+    RX = 4 * R
+
+    @cuda.jit(device=True, inline=True)
+    def quantize(x, norm_w, eps, xw, xf, s16, red, part):
+        t = cuda.threadIdx.x
+        n = x.shape[0]
+        xv = cuda.local.array(RX, F32)
+        for k in range(R):
+            a0, a1, a2, a3 = ldx4(x, min(k * STRIDE + 4 * t, n - 4))
+            xv[4 * k], xv[4 * k + 1], xv[4 * k + 2], xv[4 * k + 3] = a0, a1, a2, a3
+        if norm_w.shape[0] > 0:
+            ss = np.float32(0.0)
+            for k in range(R):
+                if k * STRIDE + 4 * t < n:
+                    ss += (xv[4 * k] * xv[4 * k] + xv[4 * k + 1] * xv[4 * k + 1]) \
+                        + (xv[4 * k + 2] * xv[4 * k + 2] + xv[4 * k + 3] * xv[4 * k + 3])
+            ss = block_sum(ss, red, part)
+            inv = np.float32(1.0) / math.sqrt(ss / np.float32(n) + eps)
+            for k in range(R):
+                e0, e1, e2, e3 = ldx4g(norm_w, min(k * STRIDE + 4 * t, n - 4))
+                xv[4 * k] = xv[4 * k] * inv * e0
+                xv[4 * k + 1] = xv[4 * k + 1] * inv * e1
+                xv[4 * k + 2] = xv[4 * k + 2] * inv * e2
+                xv[4 * k + 3] = xv[4 * k + 3] * inv * e3
+        j = t & 7
+        for k in range(R):
+            if k * STRIDE < n:                # uniform over the block
+                base = k * STRIDE + 4 * t
+                a0, a1, a2, a3 = xv[4 * k], xv[4 * k + 1], xv[4 * k + 2], xv[4 * k + 3]
+                amax = _group_max8(max(max(abs(a0), abs(a1)), max(abs(a2), abs(a3))), red)
+                d = amax / np.float32(127.0)
+                iq = np.float32(127.0) / amax if amax > np.float32(0.0) else np.float32(0.0)
+                q0, u0 = _qbyte(a0, iq)
+                q1, u1 = _qbyte(a1, iq)
+                q2, u2 = _qbyte(a2, iq)
+                q3, u3 = _qbyte(a3, iq)
+                s = _group_sum4((q0 + q1) + (q2 + q3), red)
+                if base < n:
+                    xw[base >> 2] = u0 | (u1 << U32(8)) | (u2 << U32(16)) | (u3 << U32(24))
+                    b = base >> 5
+                    if j == 0:
+                        xf[b] = d
+                        xf[s16 + 2 * b] = d * np.float32(s)
+                    elif j == 4:
+                        xf[s16 + 2 * b + 1] = d * np.float32(s)
+        cuda.syncthreads()
+    return quantize
+
+
+_QUANT_C = {}
+
+
+def _gemv_fq8s_kernel(kind, KS, NMAX, S, maxreg=None, quant=None, TB=None):
+    """The one-launch int8-activation GEMV (as _gemv_fq8_kernel: a warp owns 4 rows, KS warps split
+    them, x quantized into shared memory inside) with the weights staged through shared memory by
+    cp.async: each lane copies the 16-byte chunk of its 4 rows S - 1 chunks ahead into its own slots
+    (no other thread reads them, so no barrier), and its group scales ride S - 1 chunks ahead in
+    registers. The first S - 1 chunks are in flight while x is quantized. Dynamic shared memory:
+    S * 16 KB for 256 threads (launch with fq8s_smem). TB threads a block (fq8s_threads)."""
+    maxreg = FQ8_MAXREG if maxreg is None else maxreg
+    quant = quant or FQ8_QUANT
+    TB = TB or fq8s_threads()
+    key = ("fq8s", kind, KS, NMAX, S, maxreg, quant, TB)
+    if key in _GEMV:
+        return _GEMV[key]
+    assert 2 <= S <= 6
+    W8 = TB // 32                     # warps a block
+    RG = W8 // KS
+    int8 = kind == "int8"
+    PSHAPE = (W8, 8)
+    RED = 4 * TB
+    XW, XF = NMAX // 4, NMAX // 32 + NMAX // 16
+    SW = W8 * 4 * 128                 # words a stage: 4 rows x 32 lanes x 4 words a warp
+    cp_wait = cp_wait_fn(S - 1)
+    if quant == "coalesced":
+        if (NMAX, TB) not in _QUANT_C:
+            _QUANT_C[(NMAX, TB)] = _make_quantize_coalesced(NMAX, TB)
+        qfn = _QUANT_C[(NMAX, TB)]
+    else:
+        assert TB == BLOCK
+        qfn = _quantize_into
+    opts = {"max_registers": maxreg} if maxreg and not SIM else {}
+
+    @device
+    def scl(sa, sb, sc, sd, c, gsc):
+        g = (c << U32(4)) >> gsc
+        return sa[g], sb[g], sc[g], sd[g]
+
+    @device
+    def issue(stg, slot, qa, qb, qc, qd, c):
+        i = c << U32(2)
+        cp_async16(stg, slot, qa, i)
+        cp_async16(stg, slot + 128, qb, i)
+        cp_async16(stg, slot + 256, qc, i)
+        cp_async16(stg, slot + 384, qd, i)
+
+    @cuda.jit(fastmath=True, **opts)
+    def kernel(x, norm_w, eps, qw, scales, mins, gshift, res, act, out):
+        """As _gemv_fq8_kernel's kernel."""
+        xw = cuda.shared.array(XW, U32, alignment=16) if not SIM else cuda.shared.array(XW, U32)
+        xf = cuda.shared.array(XF, F32)
+        red = cuda.shared.array(RED, F32)
+        part = cuda.shared.array(PSHAPE, F32)
+        part1 = cuda.shared.array(32, F32)
+        stg = cuda.shared.array(0, U32, alignment=16) if not SIM else cuda.shared.array(0, _U32D)
+        t = cuda.threadIdx.x
+        w, lane = t >> 5, t & 31
+        rg, ks = w // KS, w % KS
+        rows = qw.shape[0]
+        n = x.shape[0]
+        r0 = (cuda.blockIdx.x * RG + rg) * 4
+        ra, rb, rc, rd = min(r0, rows - 1), min(r0 + 1, rows - 1), min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
+        qa, qb, qc, qd = qw[ra], qw[rb], qw[rc], qw[rd]
+        sa, sb, sc, sd = scales[ra], scales[rb], scales[rc], scales[rd]
+        gsh = U32(gshift)
+        gsc = gsh if int8 else gsh - U32(1)
+        nc = U32(n >> 4) if int8 else U32(n >> 5)
+        step = U32(32 * KS)
+        c = U32(ks * 32 + lane)
+        slot = w * 512 + lane * 4
+        launch_dependents()
+        Q0 = scl(sa, sb, sc, sd, min(c, nc - U32(1)), gsc)
+        Q1 = Q2 = Q3 = Q4 = Q0
+        if c < nc:
+            issue(stg, slot, qa, qb, qc, qd, c)
+        cp_commit()
+        ck = c + step
+        if S > 2:
+            if ck < nc:
+                Q1 = scl(sa, sb, sc, sd, ck, gsc)
+                issue(stg, SW + slot, qa, qb, qc, qd, ck)
+            cp_commit()
+            ck += step
+        if S > 3:
+            if ck < nc:
+                Q2 = scl(sa, sb, sc, sd, ck, gsc)
+                issue(stg, 2 * SW + slot, qa, qb, qc, qd, ck)
+            cp_commit()
+            ck += step
+        if S > 4:
+            if ck < nc:
+                Q3 = scl(sa, sb, sc, sd, ck, gsc)
+                issue(stg, 3 * SW + slot, qa, qb, qc, qd, ck)
+            cp_commit()
+            ck += step
+        if S > 5:
+            if ck < nc:
+                Q4 = scl(sa, sb, sc, sd, ck, gsc)
+                issue(stg, 4 * SW + slot, qa, qb, qc, qd, ck)
+            cp_commit()
+        grid_wait()                       # (PDL) x may come from the kernel before: read after it
+        qfn(x, norm_w, eps, xw, xf, U32(NMAX // 32), red, part1)
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        sr = 0                            # the stage of chunk c
+        ahead = step * U32(S - 1)
+        while c < nc:
+            cn = c + ahead
+            sw = sr - 1 if sr > 0 else S - 1
+            QN = Q0
+            if cn < nc:
+                QN = scl(sa, sb, sc, sd, cn, gsc)
+                issue(stg, sw * SW + slot, qa, qb, qc, qd, cn)
+            cp_commit()
+            cp_wait()                     # chunk c's group (the oldest) has landed
+            o = sr * SW + slot
+            P = (lds4(stg, o), lds4(stg, o + 128), lds4(stg, o + 256), lds4(stg, o + 384),
+                 np.float32(Q0[0]), np.float32(Q0[1]), np.float32(Q0[2]), np.float32(Q0[3]))
+            if int8:
+                a0, a1, a2, a3 = _fq8_int8(xw, xf, c, P, a0, a1, a2, a3)
+            else:
+                a0, a1, a2, a3 = _fq8_int4(xw, xf, U32(NMAX // 32), c, P, gsh, mins, ra, rb, rc, rd,
+                                           a0, a1, a2, a3)
+            if S == 2:
+                Q0 = QN
+            elif S == 3:
+                Q0, Q1 = Q1, QN
+            elif S == 4:
+                Q0, Q1, Q2 = Q1, Q2, QN
+            elif S == 5:
+                Q0, Q1, Q2, Q3 = Q1, Q2, Q3, QN
+            else:
+                Q0, Q1, Q2, Q3, Q4 = Q1, Q2, Q3, Q4, QN
+            sr = sr + 1 if sr < S - 1 else 0
+            c += step
+        a0, a1, a2, a3 = _finish4(part, red, a0, a1, a2, a3, np.float32(0.0), False, ks, KS, np.float32(1.0), n,
+                                  np.float32(0.0))
+        if lane == 0 and ks == 0:
+            _epilogue(out, res, act, r0, rows, a0, a1, a2, a3)
+
+    _GEMV[key] = big_smem(pdl(kernel))
+    return kernel
+
+
+def fq8s_threads() -> int:
+    """Threads a block of the staged GEMV (FQ8_THREADS; the simulator's BLOCK)."""
+    return BLOCK if SIM else FQ8_THREADS
+
+
+def fq8s_smem(S: int, TB: int | None = None) -> int:
+    """Dynamic shared memory of the staged GEMV: S stages of 4 rows x 16 bytes a thread."""
+    return S * (TB or fq8s_threads()) * 4 * 16
+
+
 def gemv_fq8_fits(kind: str, n: int, group: int) -> bool:
     """The fused int8-activation GEMV: gemv_q8_fits's shapes with x small enough for shared memory."""
     return n <= FQ8_MAX_N and gemv_q8_fits(kind, n, group)
 
 
 def launch_gemv_fq8(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None, act=ACT_NONE, stream=0,
-                    depth=None):
+                    depth=None, stages=None):
     """One token, one launch: out = act/res(int8(x [normed]) @ W.T) (the backend's act_quant decode
     matmul). fields: int8 (words, scales); int4 (words, scales, mins). Returns False (nothing
     launched) when x or the norm weight is not 16-byte aligned."""
@@ -967,7 +1285,11 @@ def launch_gemv_fq8(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None,
     nw = dummy() if norm_w is None else norm_w
     if not _aligned(x, nw):
         return False
-    ks = gemv_split(kind, n, rows)
+    S = FQ8_STAGES.get(kind, 0) if stages is None else stages
+    if S and not SIM and _cc_major() < 8:           # cp.async: sm_80 and later
+        S = 0
+    tb = fq8s_threads() if S else BLOCK
+    ks = gemv_split(kind, n, rows, tb // 32)
     ahead = None
     if kind == "int8":
         gshift = 31 if group == n else log2_exact(group)
@@ -976,8 +1298,11 @@ def launch_gemv_fq8(kind, x, fields, group, out, norm_w=None, eps=0.0, res=None,
             ahead = FQ8_L2AHEAD_PER_ROW
     else:
         gshift, mins = log2_exact(group), fields[2]
-    k = _gemv_fq8_kernel(kind, ks, _fq8_nmax(n), depth, ahead=ahead)
-    go(k, blocks(rows, WPB // ks * 4), BLOCK, stream, 0,
+    if S:
+        k, smem = _gemv_fq8s_kernel(kind, ks, _fq8_nmax(n), S, TB=tb), fq8s_smem(S, tb)
+    else:
+        k, smem = _gemv_fq8_kernel(kind, ks, _fq8_nmax(n), depth, ahead=ahead), 0
+    go(k, blocks(rows, tb // 32 // ks * 4), tb, stream, smem,
        (x, nw, np.float32(eps), fields[0], fields[1], mins, gshift, dummy() if res is None else res, act, out))
     return True
 
