@@ -504,6 +504,33 @@ def test_gemv_int8_activations_match_cpu_q8(kind, params, fused, monkeypatch):
     check(out, cpu_ops.silu_mul_ref(cpu[:, 0::2], cpu[:, 1::2]), 1e-5, f"{kind} int8-activation GEMV + silu pairs")
 
 
+@pytest.mark.parametrize("kind,params,n,stages,ks,tb", [
+    ("int4", dict(group=32), 4096, 2, 1, 1), ("int4", dict(group=64, symmetric=False), 4096, 3, 0, 1),
+    ("int8", dict(group=None), 2048, 4, 1, 2), ("int4", dict(group=128), 3072, 4, 1, 2)],
+    ids=["int4-g32-S2", "int4-g64-mins-S3-split", "int8-row-S4-2x", "int4-g128-S4-2x"])
+def test_gemv_staged_int8_activations_long_rows(kind, params, n, stages, ks, tb, monkeypatch):
+    """The cp.async-staged one-launch GEMV on rows long enough that every lane loops past its S - 1
+    staged chunks and the stage slots wrap (S 2..4), with inputs split over warps (ks 0: chosen),
+    and blocks of twice the threads (tb 2): equal to the CPU's gemm_<kind>_q8 with the norm fused."""
+    from edgerun.backend import get_backend
+    ops = get_backend("cuda")
+    monkeypatch.setitem(glin.FQ8_STAGES, kind, stages)
+    monkeypatch.setattr(glin, "GEMV_KS", ks)
+    if tb > 1:
+        threads = glin.fq8s_threads() * tb
+        monkeypatch.setattr(glin, "fq8s_threads", lambda: threads)
+    rows = 10
+    w = pack(kind, rng.standard_normal((rows, n)).astype(np.float32), **params)
+    x = rng.standard_normal((1, n)).astype(np.float32)
+    nw = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+    xn = cpu_ops.rms_norm_ref(x, nw, 1e-5).astype(np.float32)
+    cpu = np.empty((1, rows), np.float32)
+    getattr(cpu_lin, f"gemm_{kind}_q8")(xn, *[a for a in w if not isinstance(a, str)], cpu)
+    out = ops.empty((1, rows))
+    ops.matmul(dev(x), ops.upload(w), out, norm_w=dev(nw), eps=1e-5)
+    check(out, cpu, 1e-5, f"staged {kind} GEMV vs CPU q8 kernel")
+
+
 @pytest.mark.parametrize("kind,params", CASES[1:3], ids=[f"{k}-{p}" for k, p in CASES[1:3]])
 def test_gemm_int8_activations_match_cpu_q8(kind, params):
     """act_quant with several tokens (prefill): the float GEMM on int8-rounded activations equals
