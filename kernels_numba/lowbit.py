@@ -56,27 +56,49 @@ def _is_int8(a):
 
 # ------------------------------------------------------------------ activations
 
+@intrinsic
+def _rint(typingctx, v):
+    """np.rint of a float32 as llvm.rint (round half to even), which the loop vectoriser widens;
+    Numba's np.rint stays a scalar call."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig_, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32]), "llvm.rint.f32")
+        return builder.call(fn, [args[0]])
+
+    return types.float32(v), codegen
+
+
+@njit(**JIT)
+def _absmax(x):
+    """max |x| of a float32 vector, as the largest of its bit patterns with the sign cleared
+    (non-negative floats order as their bits): an integer max that vectorises, where a float max
+    (even fastmath) stays scalar here."""
+    xi = np.ascontiguousarray(x).view(np.int32)
+    m = np.int32(0)
+    for j in range(xi.shape[0]):
+        m = max(m, xi[j] & np.int32(0x7FFFFFFF))
+    return np.array([m], np.int32).view(np.float32)[0]
+
+
 @njit(**JIT)
 def quantize_rows_int8(x, xq, xs, xsum):
     """BitLinear's per-token absmax quantization. x (T, n) float32 -> xq (T, npad) int8 (zeros
     past n), xs (T,) float32 = max|x| / 127 (the dequantization factor), xsum (T,) int32 = sum of xq.
-    Not fastmath: 127 / m must be a true division to round exactly as transformers does."""
+    Not fastmath: 127 / m must be a true division to round exactly as transformers does. With
+    _absmax and _rint both loops vectorise: 3x faster a token (8192 wide)."""
     T, n = x.shape
     for t in range(T):
         xr = x[t]
-        m = np.float32(0.0)
-        for j in range(n):
-            a = abs(xr[j])
-            if a > m:
-                m = a
-        m = max(m, np.float32(1e-5))
-        scale = np.float32(127.0) / m
+        scale = np.float32(127.0) / max(_absmax(xr), np.float32(1e-5))
         qr = xq[t]
         s = np.int32(0)
         for j in range(n):
-            v = min(max(np.rint(xr[j] * scale), np.float32(-128.0)), np.float32(127.0))
+            v = min(max(np.int32(_rint(xr[j] * scale)), np.int32(-128)), np.int32(127))
             qr[j] = np.int8(v)
-            s += np.int32(qr[j])
+            s += v
         for j in range(n, qr.shape[0]):
             qr[j] = 0
         xs[t] = np.float32(1.0) / scale
@@ -99,15 +121,17 @@ def _quantized(x, npad):
 def _to_planes(xrow, planes):
     """Activations in the order the codes are read: planes[i, b*32 + j] = xrow[b*P*32 + i*32 + j],
     P = planes.shape[0] codes a byte. The dot is then one long loop over a row's bytes (vector
-    accumulators, one reduction at the end) instead of a reduction per 32-byte block."""
-    P = planes.shape[0]
-    for b in range(planes.shape[1] // KB):
-        xb = xrow[b * P * KB:(b + 1) * P * KB]
-        for i in range(P):
-            pl = planes[i, b * KB:(b + 1) * KB]
-            xi = xb[i * KB:(i + 1) * KB]
-            for j in range(KB):
-                pl[j] = xi[j]
+    accumulators, one reduction at the end) instead of a reduction per 32-byte block. Copied 8
+    bytes at a time (2.7x faster than byte by byte at 8192 inputs)."""
+    # inlined: names distinct from the callers' (an inlined assignment would overwrite theirs)
+    np_ = planes.shape[0]
+    nb_ = planes.shape[1] // KB
+    x8_ = xrow[:nb_ * np_ * KB].view(np.int64).reshape((nb_, np_, KB // 8))
+    for i_ in range(np_):
+        pl_ = planes[i_].view(np.int64).reshape((nb_, KB // 8))
+        for b_ in range(nb_):
+            for j_ in range(KB // 8):
+                pl_[b_, j_] = x8_[b_, i_, j_]
 
 
 # ------------------------------------------------------------------ explicit SIMD row dots

@@ -178,6 +178,8 @@ def test_quantize_rows_int8_matches_ref_and_bitlinear():
     x[1] = 0.0                                        # clamp of the max at 1e-5
     x[2, 7] = 127.5 / 127 * np.abs(x[2]).max()        # ties and the clip at -128 / 127
     x[3, :] = np.linspace(-1, 1, 333)
+    x[4, :] = 0.0                                     # max 127, so scale 1: every k + 0.5 is an exact tie
+    x[4, :255] = np.append(np.arange(-127, 127) + 0.5, 127.0)
     xq = np.empty((6, 384), np.int8)
     xs = np.empty(6, np.float32)
     xsum = np.empty(6, np.int32)
