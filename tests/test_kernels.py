@@ -363,6 +363,36 @@ def test_paged_attention(H, Hk, window, start, T, bs):
     check(out, A.attention_ref(q, k, v, start, float(scale), window), 1e-5, what="paged attention")
 
 
+@pytest.mark.parametrize("window", [0, 300])
+@pytest.mark.parametrize("start", [3, 700])
+def test_paged_attention_decode_serial_and_parallel(start, window):
+    """One token (decode): short spans run in the calling thread, long ones over the KV heads in
+    parallel (P.DECODE_SERIAL); both equal the reference, with int8 blocks and a softcap too."""
+    from edgerun.kernels_numba import paged_attention as P
+    H, Hk, d, bs = 8, 2, 64, 16
+    span = start + 1 if window <= 0 else min(start + 1, window)
+    r = rng(start + window)
+    L_ = start + 1
+    q = r.normal(size=(1, H, d)).astype(np.float32)
+    k = (r.normal(size=(L_, Hk, d)) * 0.3).astype(np.float32)
+    v = r.normal(size=(L_, Hk, d)).astype(np.float32)
+    kp, vp, table = paged_setup(k, v, bs, r)
+    P.store_kv_paged(k, v, kp, vp, table, 0)
+    ones = np.ones((1, 1, 1), np.float32)
+    for softcap in (0.0, 2.0):
+        out = np.full_like(q, np.nan)
+        P.paged_attention(q, kp, vp, ones, ones, False, table, start, np.float32(0.125), window, np.float32(softcap), out)
+        check(out, A.attention_ref(q, k, v, start, 0.125, window, softcap=softcap), 1e-5,
+              what=f"decode attention span {span} ({'serial' if span * H * d <= P.DECODE_SERIAL else 'parallel'})")
+    kq, vq = np.zeros(kp.shape, np.int8), np.zeros(vp.shape, np.int8)
+    ks, vs = np.zeros(kp.shape[:3], np.float32), np.zeros(vp.shape[:3], np.float32)
+    P.store_kv_paged_int8(k, v, kq, vq, ks, vs, table, 0)
+    out = np.empty_like(q)
+    P.paged_attention(q, kq, vq, ks, vs, True, table, start, np.float32(0.125), window, np.float32(0), out)
+    kd, vd = P.gather_ref(kq, table, L_, ks), P.gather_ref(vq, table, L_, vs)
+    check(out, A.attention_ref(q, kd, vd, start, 0.125, window), 1e-5, what="int8 decode attention")
+
+
 @pytest.mark.parametrize("H,Hk", [(6, 2), (5, 1)], ids=["gqa3", "mqa"])
 @pytest.mark.parametrize("window", [0, 5])
 def test_paged_attention_int8_kv(H, Hk, window):
