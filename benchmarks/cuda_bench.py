@@ -315,7 +315,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--kinds", default="int8,int4")
-    ap.add_argument("--sweep", action="store_true", help="also time GEMV variants (chunks in flight, inputs split)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time GEMV variants (threads a block, cp.async stages, the norm fused, the older kernel)")
     ap.add_argument("--skip-decode", action="store_true")
     a = ap.parse_args()
     from numba import cuda
@@ -338,11 +339,13 @@ def main():
     shapes = (("int8", 8192), ("int8", 32), ("int4", 32))
     variants = [({}, shapes)]
     if a.sweep:
-        i4, i8 = shapes[2:], shapes[:2]
-        variants += [({"threads": 512}, shapes), ({"stages4": 6}, i4), ({"threads": 512, "stages4": 6}, i4),
-                     ({"threads": 512, "stages4": 3, "stages8": 3}, shapes), ({"norm": True}, shapes),
-                     ({"norm": True, "threads": 512}, shapes), ({"norm": True, "threads": 512, "stages4": 6}, i4),
-                     ({"stages4": 0, "stages8": 0}, shapes)]
+        # the staged kernel's knobs (threads a block, cp.async stages per kind, quantization), the norm fused,
+        # and the register-pipelined kernel (stages 0)
+        i4 = shapes[2:]
+        variants += [({"threads": 256}, shapes), ({"stages4": 6}, i4), ({"stages4": 3, "stages8": 3}, shapes),
+                     ({"quant": "thread", "threads": 256}, i4), ({"norm": True}, shapes),
+                     ({"norm": True, "threads": 256}, shapes), ({"stages4": 0, "stages8": 0}, shapes),
+                     ({"stages4": 0, "stages8": 0, "norm": True}, shapes), ({"pdl": False}, shapes)]
     from edgerun.kernels_cuda import _launch
     pdl0, st0, q0, tb0 = _launch.PDL, dict(lin.FQ8_STAGES), lin.FQ8_QUANT, lin.FQ8_THREADS
     for v, kinds in variants:

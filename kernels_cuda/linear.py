@@ -17,10 +17,16 @@ with device arrays. Two kernels stand behind each name:
   block, each weight tile dequantised once into shared memory and used by every token.
 
 With int8 activations (the backend's act_quant, its default as on the CPU) x is quantized per block
-of 32 as kernels_numba/simd.py does and the dot products run on dp4a: ``_gemv_fq8_kernel`` quantizes
-x into shared memory inside the GEMV (one launch; its first weight loads in flight meanwhile), for
-inputs wider than FQ8_MAX_N ``quantize_act_kernel`` + ``_gemv_q8_kernel``. The GEMVs are launched
-with programmatic dependent launch where recorded (_launch.pdl, _common.grid_wait).
+of 32 as kernels_numba/simd.py does and the dot products run on dp4a, in one launch: on sm_80 and
+later ``_gemv_fq8s_kernel`` (512 threads, one block an SM): each lane streams its 4 rows' 16-byte
+chunks through its own shared-memory slots with cp.async, FQ8_STAGES - 1 chunks ahead, holding no
+registers for them; the first of them are issued before the kernel waits for the one before it
+(PDL), then x is quantized into shared memory (coalesced, all of x's loads at once). Before sm_80
+``_gemv_fq8_kernel`` (the same with the next chunk in registers). For inputs wider than FQ8_MAX_N
+``quantize_act_kernel`` + ``_gemv_q8_kernel``. The GEMVs are launched with programmatic dependent
+launch where recorded (_launch.pdl, _common.grid_wait). H100, 8192 x 8192, weight bytes over time
+against the device-to-device copy: int8 94% / 93% (per row / groups of 32), int4 groups of 32 83%
+(a kernel that only reads those bytes: 92% / 84%).
 
 Device layouts (edgerun/backend_cuda.py uploads them): int8 q (rows, in) int8 plus its uint32
 view (rows, in/4); int4 qs (rows, in/2) uint8 plus its uint32 view (rows, in/8), low nibble
@@ -958,13 +964,20 @@ def _gemv_fq8_kernel(kind, KS, NMAX, depth=None, maxreg=None, prefetch=None, ahe
 # ------------------------------------------------------------------ int8 activations, weights staged through shared memory
 
 # cp.async stages of the one-launch int8-activation GEMV per weight kind (0: the register-pipelined
-# kernel above). A stage is one 16-byte chunk of each of a lane's 4 rows (16 KB a block); S stages
-# keep S - 1 chunks a lane in flight without holding registers.
+# kernel above). A stage is one 16-byte chunk of each of a lane's 4 rows (32 KB a block of 512); S
+# stages keep S - 1 chunks a lane in flight without holding registers. H100 8192^2 (256 threads):
+# int4 S=3..5 77-78%, 6 80%; int8 S=3 87%, 4 89% (the register kernel: 68%, 84/85%); 512 threads:
+# int4 82-83%, int8 94-95% / 92-93%. Tried and not kept: 3-4 blocks an SM (64-80 registers, spills;
+# 47-58% vs 65%, measured with an earlier, slower quantization), L2 bulk prefetch of the rows beyond
+# the stages (1-9 points slower), quantizing only x's first window before the loop and the rest
+# inside its first iteration (a barrier in the loop: 48%).
 FQ8_STAGES = {"int8": 4, "int4": 4}
 FQ8_QUANT = "coalesced"           # the in-kernel quantization of the staged kernel: "coalesced" | "thread"
+                                  # (one thread a block of 32 as _gemv_fq8_kernel: equal without a norm,
+                                  # with one int4 49% vs 69% at 256 threads)
 FQ8_THREADS = 512                 # threads a block of the staged GEMV: one block an SM (H100, 8192^2: int4 78% -> 82%
                                   # of copy, int8 89% -> 95%/92% vs 256), so x is quantized once an SM, not twice
-_U32D = np.dtype(np.uint32)          # (the simulator's dynamic shared arrays need a dtype object)
+_U32D = np.dtype(np.uint32)       # (the simulator's dynamic shared arrays need a dtype object)
 
 if SIM:
     def cp_async16(dst, di, src, si):
