@@ -511,13 +511,14 @@ def test_gemv_int8_activations_match_cpu_q8(kind, params, fused, monkeypatch):
 def test_gemv_staged_int8_activations_long_rows(kind, params, n, stages, ks, tb, monkeypatch):
     """The cp.async-staged one-launch GEMV on rows long enough that every lane loops past its S - 1
     staged chunks and the stage slots wrap (S 2..4), with inputs split over warps (ks 0: chosen),
-    and blocks of twice the threads (tb 2): equal to the CPU's gemm_<kind>_q8 with the norm fused."""
+    and blocks of twice the threads (tb 2: 2 x BLOCK, within the shared memory of a real GPU at S 4):
+    equal to the CPU's gemm_<kind>_q8 with the norm fused."""
     from edgerun.backend import get_backend
     ops = get_backend("cuda")
     monkeypatch.setitem(glin.FQ8_STAGES, kind, stages)
     monkeypatch.setattr(glin, "GEMV_KS", ks)
     if tb > 1:
-        threads = glin.fq8s_threads() * tb
+        threads = glin.BLOCK * tb
         monkeypatch.setattr(glin, "fq8s_threads", lambda: threads)
     rows = 10
     w = pack(kind, rng.standard_normal((rows, n)).astype(np.float32), **params)
