@@ -67,16 +67,22 @@ if SIM:      # device functions, so that the simulator gives them its fake cuda 
         return s[0], s[1], s[2], s[3]
 
     @cuda.jit(device=True)
-    def warp_max(v, red):
+    def group_max(v, red, width):
+        """The max of v over each aligned group of width lanes, through shared red (the
+        simulator has no shuffles)."""
         t = cuda.threadIdx.x
         red[t] = v
         cuda.syncthreads()
-        base = t - t % 32
+        base = t - t % width
         s = red[base]
-        for i in range(1, 32):
+        for i in range(1, width):
             s = max(s, red[base + i])
         cuda.syncthreads()
         return np.float32(s)
+
+    @cuda.jit(device=True)
+    def warp_max(v, red):
+        return group_max(v, red, 32)
 else:
     from numba.cuda import libdevice
 

@@ -1036,17 +1036,11 @@ def cp_wait_fn(n):
 
 
 if SIM:
+    from ._common import group_max
+
     @cuda.jit(device=True)
     def _group_max8(v, red):
-        t = cuda.threadIdx.x
-        red[t] = v
-        cuda.syncthreads()
-        b = t - t % 8
-        s = red[b]
-        for i in range(1, 8):
-            s = max(s, red[b + i])
-        cuda.syncthreads()
-        return np.float32(s)
+        return group_max(v, red, 8)
 
     @cuda.jit(device=True)
     def _group_sum4(v, red):
