@@ -32,42 +32,46 @@ def rms_norm_heads(x, weight, eps):
                 x[t, h, j] = x[t, h, j] * inv * weight[j]
 
 
+@njit(fastmath=FASTMATH, **JIT)
+def _cos_sin(p, f, attn_scale):
+    """cos and sin of the angle p * f (in float64, as HF computes it) times attn_scale, float32."""
+    ang = np.float64(p) * np.float64(f)
+    return np.float32(np.cos(ang) * attn_scale), np.float32(np.sin(ang) * attn_scale)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def _rotate(x, t, i, half, c, s):
+    """Pair (i, i + half) of every head of x[t] turned by (c, s). A call, not inlined: rope calls it
+    from a prange body, where inlined in-place stores have gone wrong (the parfor pass; see
+    fused._add4)."""
+    for h in range(x.shape[1]):
+        a = x[t, h, i]
+        b = x[t, h, i + half]
+        x[t, h, i] = a * c - b * s
+        x[t, h, i + half] = b * c + a * s
+
+
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def rope(x, positions, inv_freq, attn_scale):
     """In place, HF 'rotate_half' convention: pairs (j, j + rot/2) of the first rot dims.
     x: (T, n_heads, head_dim); positions: (T,) int64; inv_freq: (rot/2,) float32."""
-    T, H, d = x.shape
     half = inv_freq.shape[0]
-    for t in prange(T):
-        p = positions[t]
+    for t in prange(x.shape[0]):
         for i in range(half):
-            ang = np.float64(p) * np.float64(inv_freq[i])
-            c = np.float32(np.cos(ang) * attn_scale)
-            s = np.float32(np.sin(ang) * attn_scale)
-            for h in range(H):
-                a = x[t, h, i]
-                b = x[t, h, i + half]
-                x[t, h, i] = a * c - b * s
-                x[t, h, i + half] = b * c + a * s
+            c, s = _cos_sin(positions[t], inv_freq[i], attn_scale)
+            _rotate(x, t, i, half, c, s)
 
 
 @njit(fastmath=FASTMATH, **JIT)
 def rope_qk(q, k, positions, inv_freq, attn_scale):
-    """rope on q and k of the same tokens in one serial pass, each angle's cos and sin once for
-    both (a decode step's 2 x 3 us became ~1.5 us a layer: no parallel region, half the trig)."""
+    """rope on q and k of the same tokens in one serial call, each angle once for both (the fused
+    decode layer: no parallel region for one token's 40-odd heads)."""
     half = inv_freq.shape[0]
     for t in range(q.shape[0]):
-        p = positions[t]
         for i in range(half):
-            ang = np.float64(p) * np.float64(inv_freq[i])
-            c = np.float32(np.cos(ang) * attn_scale)
-            s = np.float32(np.sin(ang) * attn_scale)
-            for x in (q, k):
-                for h in range(x.shape[1]):
-                    a = x[t, h, i]
-                    b = x[t, h, i + half]
-                    x[t, h, i] = a * c - b * s
-                    x[t, h, i + half] = b * c + a * s
+            c, s = _cos_sin(positions[t], inv_freq[i], attn_scale)
+            _rotate(q, t, i, half, c, s)
+            _rotate(k, t, i, half, c, s)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)

@@ -21,64 +21,6 @@ from numba import njit, prange
 from ._common import FASTMATH, JIT
 
 Q_TILE = 8
-# decode attention runs in the calling thread while positions x heads x head_dim is at most this
-# (128 positions of 32 heads of 64): below it a parallel region costs more than it saves
-DECODE_SERIAL = 1 << 18
-
-
-@njit(fastmath=FASTMATH, **JIT)
-def _decode_kv_head(q, k_pool, v_pool, k_scale, v_scale, quantized, table, p, scale, window, softcap, out, kv):
-    """One token (q (1, H, d) at position p): the query heads of KV head kv, in two passes over
-    the keys (scores of every position, then one max and exp per score, then the weighted
-    values), with no online rescaling and one scratch allocation; a function of its own (a call
-    per KV head from paged_attention's parallel loop)."""
-    H, d = q.shape[1], q.shape[2]
-    bs = k_pool.shape[2]
-    group = H // k_pool.shape[1]
-    lo = 0 if window <= 0 else max(0, p - window + 1)
-    s = np.empty((group, p - lo + 1), np.float32)
-    for lb in range(lo // bs, p // bs + 1):
-        b = table[lb]
-        kb = k_pool[b, kv]
-        for j in range(max(lo - lb * bs, 0), min(p - lb * bs + 1, bs)):
-            kr = kb[j]
-            ks = k_scale[b, kv, j] * scale if quantized else scale
-            for hh in range(group):
-                qv = q[0, kv * group + hh]
-                x = np.float32(0.0)
-                for c in range(d):
-                    x += qv[c] * np.float32(kr[c])
-                x *= ks
-                if softcap > 0:
-                    x = softcap * np.tanh(x / softcap)
-                s[hh, lb * bs + j - lo] = x
-    for hh in range(group):
-        sr = s[hh]
-        m = sr[0]
-        for i in range(1, sr.shape[0]):
-            m = max(m, sr[i])
-        den = np.float32(0.0)
-        for i in range(sr.shape[0]):
-            e = np.float32(np.exp(sr[i] - m))
-            sr[i] = e
-            den += e
-        inv = np.float32(1.0) / den
-        for i in range(sr.shape[0]):
-            sr[i] *= inv
-        o = out[0, kv * group + hh]
-        for c in range(d):
-            o[c] = 0.0
-    for lb in range(lo // bs, p // bs + 1):
-        b = table[lb]
-        vb = v_pool[b, kv]
-        for j in range(max(lo - lb * bs, 0), min(p - lb * bs + 1, bs)):
-            vr = vb[j]
-            vsc = v_scale[b, kv, j] if quantized else np.float32(1.0)
-            for hh in range(group):
-                w = s[hh, lb * bs + j - lo] * vsc
-                o = out[0, kv * group + hh]
-                for c in range(d):
-                    o[c] += w * np.float32(vr[c])
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
@@ -86,19 +28,6 @@ def paged_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, start
     T, H, d = q.shape
     n_kv, bs = k_pool.shape[1], k_pool.shape[2]
     group = H // n_kv
-    if T == 1:              # decode: a KV head a work item, two-pass softmax (_decode_kv_head)
-        span = start + 1 if window <= 0 else min(start + 1, window)
-        if span * H * d <= DECODE_SERIAL:
-            # short contexts in this thread: a parallel region costs more than the work (1B
-            # shape, 64 positions: 0.4 ms a token less in the fused decode layer, measured)
-            for kv in range(n_kv):
-                _decode_kv_head(q, k_pool, v_pool, k_scale, v_scale, quantized, table, start, scale, window,
-                                softcap, out, kv)
-        else:
-            for kv in prange(n_kv):
-                _decode_kv_head(q, k_pool, v_pool, k_scale, v_scale, quantized, table, start, scale, window,
-                                softcap, out, kv)
-        return
     n_tiles = (T + Q_TILE - 1) // Q_TILE
     for job in prange(n_kv * n_tiles):
         kv = job // n_tiles

@@ -365,12 +365,11 @@ def test_paged_attention(H, Hk, window, start, T, bs):
 
 @pytest.mark.parametrize("window", [0, 300])
 @pytest.mark.parametrize("start", [3, 700])
-def test_paged_attention_decode_serial_and_parallel(start, window):
-    """One token (decode): short spans run in the calling thread, long ones over the KV heads in
-    parallel (P.DECODE_SERIAL); both equal the reference, with int8 blocks and a softcap too."""
+def test_paged_attention_decode(start, window):
+    """One token (decode) at a short and a long position, with and without a window: equal to the
+    reference, with int8 blocks and a softcap too."""
     from edgerun.kernels_numba import paged_attention as P
     H, Hk, d, bs = 8, 2, 64, 16
-    span = start + 1 if window <= 0 else min(start + 1, window)
     r = rng(start + window)
     L_ = start + 1
     q = r.normal(size=(1, H, d)).astype(np.float32)
@@ -383,7 +382,7 @@ def test_paged_attention_decode_serial_and_parallel(start, window):
         out = np.full_like(q, np.nan)
         P.paged_attention(q, kp, vp, ones, ones, False, table, start, np.float32(0.125), window, np.float32(softcap), out)
         check(out, A.attention_ref(q, k, v, start, 0.125, window, softcap=softcap), 1e-5,
-              what=f"decode attention span {span} ({'serial' if span * H * d <= P.DECODE_SERIAL else 'parallel'})")
+              what=f"decode attention at {start}, window {window}, softcap {softcap}")
     kq, vq = np.zeros(kp.shape, np.int8), np.zeros(vp.shape, np.int8)
     ks, vs = np.zeros(kp.shape[:3], np.float32), np.zeros(vp.shape[:3], np.float32)
     P.store_kv_paged_int8(k, v, kq, vq, ks, vs, table, 0)
