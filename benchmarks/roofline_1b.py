@@ -1,6 +1,6 @@
 """Decode of a ~1B-parameter Llama shape against the memory-bandwidth roofline, per packed kind.
 
-    python benchmarks/roofline_1b.py [--kinds int8 int4 ternary sparse24] [--threads 2] [--rounds 5]
+    python benchmarks/roofline_1b.py [--kinds int8 int4 ternary sparse24 int4-rows] [--threads 2] [--rounds 5]
 
 The model is Llama-3.2-1B-like (hidden 2048, 16 layers, MLP 8192, 32 query / 8 KV heads) with
 SmolLM2's 49152-token vocabulary and tokenizer: 1.17B parameters, random weights made here (the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -121,8 +122,11 @@ def main(argv=None):
     models = {}
     for kind in a.kinds:
         t0 = time.perf_counter()
-        path = build(kind, a.out.parent / f"llama1b-{kind}.edr")
+        path = build(kind.removesuffix("-rows"), a.out.parent / f"llama1b-{kind.removesuffix('-rows')}.edr")
+        # int4-rows: the int4 file decoded by the row kernels, without the 4-row tiles made at load
+        os.environ["EDGERUN_INT4_TILES"] = "0" if kind.endswith("-rows") else "1"
         models[kind] = edgerun.load(path, threads=a.threads)
+        os.environ.pop("EDGERUN_INT4_TILES")
         decode_tok_s(models[kind], 2, 0)                 # compile / warm, pages in
         print(f"{kind}: {path} ({path.stat().st_size / 2**30:.2f} GiB) ready in {time.perf_counter() - t0:.0f} s",
               flush=True)

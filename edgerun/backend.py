@@ -93,6 +93,9 @@ class CPUBackend:
             v.flags.writeable = False
             return v
 
+        blocks = fused.has_blocks(mats, nq, n_kv * head_dim, hidden, inter)
+        if blocks:          # int4 g32 rows repacked 4 to a tile for row_block (a copy in memory)
+            mats = [fused.tiled(m) for m in mats]
         positions = np.zeros(1, np.int64)
         # the call's arguments around the per-step KV cache, built once: decoder_layer_step only
         # splices in the cache and the position
@@ -102,7 +105,7 @@ class CPUBackend:
                 np.empty((1, n_heads, head_dim), np.float32), np.empty((1, n_kv, head_dim), np.float32),
                 np.empty((1, n_kv, head_dim), np.float32), np.empty((1, n_heads, head_dim), np.float32),
                 np.empty(hidden, np.float32), act(hidden), act(nq), act(inter), np.empty(inter, np.float32),
-                fused.has_blocks(mats, nq, n_kv * head_dim, hidden, inter))
+                blocks)
         return _LayerPlan(fused.llama_layer_decode, positions, head, tail)
 
     def decoder_layer_step(self, plan, x, state, layer):

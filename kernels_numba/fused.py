@@ -19,6 +19,7 @@ kernel at compile time, so a layer with mixed kinds compiles once for its combin
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -31,7 +32,8 @@ from ._common import FASTMATH, JIT
 from .ops import rms_norm_heads, rope_qk
 from .paged_attention import paged_attention, store_kv_paged, store_kv_paged_int8
 from .lowbit import EXPAND, KB, TB, WIDE, _to_planes, dot_24_expand, dot_t2_rows4, dot_t2_simd, quantize_rows_int8
-from .simd import BLOCK, dot_half_row, dot_int4_row, dot_int4_row_quad, dot_int8_row, quad_order, quantize_act
+from .simd import (BLOCK, dot_half_row, dot_int4_row, dot_int4_row_quad, dot_int4_tiles4, dot_int8_row, int4_tile_bytes,
+                   quad_order, quantize_act, repack_int4_tiles)
 
 
 class Int4Rows(NamedTuple):
@@ -51,6 +53,15 @@ class Int4G32Rows(NamedTuple):
     scales: np.ndarray
     mins: np.ndarray
     has_mins: bool
+
+
+class Int4Tiles(NamedTuple):
+    """Int4G32Rows with float16 scales repacked 4 rows to a tile (simd.repack_int4_tiles) for the
+    decode layer's 4-row blocks (row_block): one stream per thread instead of one per row. A copy
+    in memory (the file's rows stay for prefill); made by tiled() when a whole layer runs in blocks."""
+    tiles: np.ndarray       # (rows // 4, simd.int4_tile_bytes(nb, has_mins)) uint8
+    has_mins: bool
+    nb: int                 # blocks of 32 a row
 
 
 class TernaryRows(NamedTuple):
@@ -133,6 +144,9 @@ def _row_dot(w_, row_, x_, a_):
     if cls is Int4G32Rows:
         return lambda w_, row_, x_, a_: dot_int4_row_quad(
             w_.qs[row_], w_.scales[row_], w_.mins[row_], w_.has_mins, a_[7], a_[1], a_[2])
+    if cls is Int4Tiles:           # one row of a 4-row tile (layers with tiles run in blocks)
+        return lambda w_, row_, x_, a_: dot_int4_tiles4(
+            w_.tiles, row_ // 4, w_.has_mins, w_.nb, a_[7], a_[1], a_[2])[row_ % 4]
     if cls is Int8Weight:
         return lambda w_, row_, x_, a_: dot_int8_row(w_.q[row_], w_.scales[row_], a_[0], a_[1], a_[2], w_.group)
     if cls is TernaryRows:
@@ -171,13 +185,33 @@ def _row_block(w_, blk_, x_, a_):
                     np.float32(d2_ - b_) * f_ * w_.scales[(rb_ + 2) * w_.step],
                     np.float32(d3_ - b_) * f_ * w_.scales[(rb_ + 3) * w_.step])
         return impl
+    if getattr(w_, "instance_class", None) is Int4Tiles:
+        return lambda w_, blk_, x_, a_: dot_int4_tiles4(w_.tiles, blk_, w_.has_mins, w_.nb, a_[7], a_[1], a_[2])
     zero = np.float32(0.0)
     return lambda w_, blk_, x_, a_: (zero, zero, zero, zero)
 
 
 def has_blocks(mats, *widths) -> bool:
-    """Every matrix has a 4-row kernel (row_block) and every output width is a multiple of 4."""
-    return WIDE and all(isinstance(m, TernaryRows) for m in mats) and all(n % 4 == 0 for n in widths)
+    """Every matrix has a 4-row kernel (row_block), given tiled(), and every output width is a
+    multiple of 4."""
+    return (WIDE and all(isinstance(m, (TernaryRows, Int4Tiles)) or _tileable(m) for m in mats)
+            and all(n % 4 == 0 for n in widths))
+
+
+def _tileable(m) -> bool:
+    return (isinstance(m, Int4G32Rows) and m.scales.dtype == np.uint16 and m.qs.shape[0] % 4 == 0
+            and os.environ.get("EDGERUN_INT4_TILES", "1").strip() != "0")
+
+
+def tiled(m):
+    """An Int4G32Rows with float16 scales -> Int4Tiles (a repacked copy); any other kind as it is.
+    EDGERUN_INT4_TILES=0 keeps the rows (for comparisons: benchmarks/roofline_1b.py int4-rows)."""
+    if not _tileable(m):
+        return m
+    rows, nb = m.scales.shape
+    out = np.empty((rows // 4, int4_tile_bytes(nb, m.has_mins)), np.uint8)
+    repack_int4_tiles(m.qs, m.scales, m.mins, m.has_mins, out)
+    return Int4Tiles(out, m.has_mins, nb)
 
 
 @njit(fastmath=FASTMATH, **JIT)

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import ACT_Q8_TOL, convert_and_load, hf_logits, rel_err  # noqa: E402
 
 import edgerun  # noqa: E402
+from edgerun.kernels_numba import fused  # noqa: E402
 
 IDS = [5, 9, 33, 2, 7, 100, 3, 250, 17, 64, 1, 2, 3, 4, 5, 6, 7, 8]     # 18 > one 16-token KV block
 F32_TOL = 1e-4
@@ -78,6 +79,8 @@ def test_fused_packed_kinds_within_activation_quantization(case, quant, group):
     m = convert_and_load(d, quant, group_size=group)
     assert all(layer.fused is not None for layer in m.model.layers)
     exact = steps(edgerun.load(m.file.path, act_quant=False), IDS)
+    if quant.startswith("int4") and group == 32 and fused.WIDE:     # the decode layer's 4-row tiles
+        assert all(isinstance(w, fused.Int4Tiles) for w in m.model.layers[0].fused.head[3:10])
     got, opb = steps(m, IDS), steps(unfused(m), IDS)
     err_fused, err_opb = rel_err(got, exact), rel_err(opb, exact)
     print(f"\n{name} {quant}: fused {err_fused:.3g}, op by op {err_opb:.3g} vs float activations")

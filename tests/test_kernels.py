@@ -182,6 +182,53 @@ def test_quad_order_matches_ref():
         np.testing.assert_array_equal(np.sort(out), np.sort(xq))
 
 
+@pytest.mark.parametrize("has_mins", [False, True])
+def test_int4_tiles_match_rows(has_mins):
+    """Int4 g32 rows repacked 4 to a tile (simd.repack_int4_tiles, the decode layer's layout):
+    the repack equals its NumPy twin, and the 4-row tile kernel gives dot_int4_row_quad's totals
+    bit for bit, with and without mins, with and without tail blocks (nb not a multiple of 8)."""
+    from numba import njit
+    from edgerun.kernels_numba import simd
+    if not simd.WIDE:
+        pytest.skip("the tile kernel needs 512-bit VNNI")
+
+    @njit
+    def rows(qs, w, m, hm, xq, xs, xsum, out):
+        for r in range(qs.shape[0]):
+            out[r] = simd.dot_int4_row_quad(qs[r], w[r], m[r], hm, xq, xs, xsum)
+
+    @njit
+    def tiles(t, hm, nb, xq, xs, xsum, out):
+        for g in range(t.shape[0]):
+            out[4 * g], out[4 * g + 1], out[4 * g + 2], out[4 * g + 3] = simd.dot_int4_tiles4(t, g, hm, nb, xq, xs, xsum)
+
+    for nb in (8, 13, 18, 64, 5):
+        r = rng(nb)
+        R = 12
+        qs = r.integers(0, 256, (R, 16 * nb), dtype=np.uint8)
+        w = (r.uniform(0.5, 1.5, (R, nb)) * 0.01).astype(np.float16).view(np.uint16)
+        m = (r.normal(size=(R, nb)) * 0.05).astype(np.float16).view(np.uint16) if has_mins else w
+        x = r.normal(size=32 * nb).astype(np.float32)
+        xq, xs, xsum = np.empty(x.size, np.int8), np.empty(nb, np.float32), np.empty(nb, np.float32)
+        simd.quantize_act(x, xq, xs, xsum)
+        xquad = np.empty_like(xq)
+        simd.quad_order(xq, xquad)
+        t = np.empty((R // 4, simd.int4_tile_bytes(nb, has_mins)), np.uint8)
+        simd.repack_int4_tiles(qs, w, m, has_mins, t)
+        np.testing.assert_array_equal(t, simd.repack_int4_tiles_ref(qs, w, m if has_mins else None))
+        want, got = np.empty(R, np.float32), np.empty(R, np.float32)
+        rows(qs, w, m, has_mins, xquad, xs, xsum, want)
+        tiles(t, has_mins, nb, xquad, xs, xsum, got)
+        np.testing.assert_array_equal(got, want)
+        # and against the float reference of the dequantized rows (the quantity both compute)
+        scale = w.view(np.float16).astype(np.float64)
+        off = m.view(np.float16).astype(np.float64) if has_mins else -8 * scale
+        u = np.stack([qs.reshape(R, nb, 16) & 15, qs.reshape(R, nb, 16) >> 4], axis=2).reshape(R, nb, 32)
+        wf = (u * scale[..., None] + off[..., None]).reshape(R, -1)
+        xf = (xq.reshape(nb, 32) * xs[:, None].astype(np.float64)).reshape(-1)
+        np.testing.assert_allclose(got, wf @ xf, rtol=1e-4, atol=1e-4 * np.abs(wf).sum(1).max() * np.abs(xf).max())
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_simd_fallback_isas(isa, tmp_path):
     """The AVX2 and portable code paths (chosen on CPUs without VNNI) give the same results: run
