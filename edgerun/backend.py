@@ -95,7 +95,7 @@ class CPUBackend:
 
         blocks = fused.has_blocks(mats, nq, n_kv * head_dim, hidden, inter)
         if blocks:          # int4 g32 rows repacked 4 to a tile for row_block (a copy in memory)
-            mats = [fused.tiled(m) for m in mats]
+            mats = fused.tiled(mats)
         positions = np.zeros(1, np.int64)
         # the call's arguments around the per-step KV cache, built once: decoder_layer_step only
         # splices in the cache and the position

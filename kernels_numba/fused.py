@@ -203,15 +203,26 @@ def _tileable(m) -> bool:
             and os.environ.get("EDGERUN_INT4_TILES", "1").strip() != "0")
 
 
-def tiled(m):
-    """An Int4G32Rows with float16 scales -> Int4Tiles (a repacked copy); any other kind as it is.
-    EDGERUN_INT4_TILES=0 keeps the rows (for comparisons: benchmarks/roofline_1b.py int4-rows)."""
-    if not _tileable(m):
-        return m
-    rows, nb = m.scales.shape
-    out = np.empty((rows // 4, int4_tile_bytes(nb, m.has_mins)), np.uint8)
-    repack_int4_tiles(m.qs, m.scales, m.mins, m.has_mins, out)
-    return Int4Tiles(out, m.has_mins, nb)
+def tiled(mats):
+    """A layer's seven matrices (q, k, v, o, gate, up, down) with every Int4G32Rows of float16
+    scales as Int4Tiles (a repacked copy); other kinds as they are. Gate and up, read together a
+    block of 4 rows each, share one array, each group's gate tiles then its up tiles, so that the
+    MLP's first region is one stream a thread too (separately: 2). EDGERUN_INT4_TILES=0 keeps the
+    rows (for comparisons: benchmarks/roofline_1b.py int4-rows)."""
+    def repack(m, out):
+        repack_int4_tiles(m.qs, m.scales, m.mins, m.has_mins, out)
+        return Int4Tiles(out, m.has_mins, m.scales.shape[1])
+
+    def size(m):
+        return m.qs.shape[0] // 4, int4_tile_bytes(m.scales.shape[1], m.has_mins)
+
+    out = [repack(m, np.empty(size(m), np.uint8)) if _tileable(m) else m for m in mats]
+    g, u = mats[4], mats[5]
+    if _tileable(g) and _tileable(u) and size(g) == size(u) and g.has_mins == u.has_mins:
+        n, tb = size(g)
+        both = np.empty((n, 2 * tb), np.uint8)     # views with unit inner stride, as the kernel reads them
+        out[4], out[5] = repack(g, both[:, :tb]), repack(u, both[:, tb:])
+    return out
 
 
 @njit(fastmath=FASTMATH, **JIT)

@@ -619,7 +619,9 @@ def dot_int4_tiles4(typingctx, tiles, g, has_mins, nb, xq, xs, xsum):
     """Rows 4 g .. 4 g + 3 of int4 g32 rows in the tile layout (repack_int4_tiles) against
     activations with xq in quad order: a 4-tuple of dot_int4_row_quad's totals (bit-identical:
     the same products, sums and order). 512-bit VNNI only (WIDE)."""
-    if not (WIDE and isinstance(tiles, types.Array) and tiles.ndim == 2 and tiles.layout == "C"
+    # tiles: C-contiguous, or a column slice of such an array ("A": fused.tiled's gate / up
+    # views); every row's bytes must be contiguous
+    if not (WIDE and isinstance(tiles, types.Array) and tiles.ndim == 2 and tiles.layout in "CA"
             and _contiguous(xq, xs, xsum)):
         return None
     sig = types.UniTuple(types.float32, 4)(tiles, g, has_mins, nb, xq, xs, xsum)
