@@ -13,7 +13,9 @@ a 32-token prompt, with the streaming-read bandwidth (edgerun.bench.memory_bandw
 anonymous memory and the models' own mapped weights) measured between every two decode samples.
 This machine's bandwidth drifts by tens of percent within seconds, so each sample is held against
 the bandwidth measured just before and just after it: roofline ratio = decode tok/s x bytes read
-per token / the mean of those two (median over rounds).
+per token / the mean of those two (median over rounds). The machine's memory runs in two regimes
+(a streaming read of ~33 and ~50-60 GB/s here); samples whose two probes agree within 10% are
+also reported by regime (above / below the middle of the probes' range).
 """
 from __future__ import annotations
 
@@ -138,17 +140,27 @@ def main(argv=None):
         for kind, m in models.items():
             dec[kind].append(decode_tok_s(m, a.gen, r + 1))
             bw.append(bandwidth())
-            around[kind].append((bw[-2] + bw[-1]) / 2)     # just before and just after this sample
+            around[kind].append((bw[-2], bw[-1]))     # just before and just after this sample
     band = statistics.median(bw)
+    band_mid = (min(bw) + max(bw)) / 2      # this machine's two memory regimes: above / below
     rows = []
     for kind, m in models.items():
         per_token = bytes_per_token(m)
         tok_s = statistics.median(dec[kind])
-        ratio = statistics.median(d * per_token / b for d, b in zip(dec[kind], around[kind]))
+        ratios = [d * per_token / ((b0 + b1) / 2) for d, (b0, b1) in zip(dec[kind], around[kind])]
+        ratio = statistics.median(ratios)
+        # steady samples: the probes before and after agree within 10% (no regime switch in between)
+        steady = [(r, (b0 + b1) / 2) for r, (b0, b1) in zip(ratios, around[kind]) if abs(b0 - b1) < 0.1 * (b0 + b1) / 2]
+        fast = [r for r, b in steady if b > band_mid]
+        slow = [r for r, b in steady if b <= band_mid]
         rows.append({"kind": kind, "decode_tok_s": tok_s, "decode_all": dec[kind], "bytes_per_token": per_token,
-                     "bandwidth_around": around[kind], "roofline_tok_s": band / per_token, "roofline_ratio": ratio})
-        print(f"{kind:8s} decode {tok_s:6.2f} tok/s  {per_token / 2**20:7.1f} MiB/token  roofline {band / per_token:6.2f} "
-              f"tok/s  -> {100 * ratio:4.0f}% of it (median of per-round ratios)", flush=True)
+                     "bandwidth_around": around[kind], "roofline_tok_s": band / per_token, "roofline_ratio": ratio,
+                     "ratios": ratios, "steady_fast_ratio": statistics.median(fast) if fast else None,
+                     "steady_slow_ratio": statistics.median(slow) if slow else None})
+        regimes = " ".join(f"{name} {100 * statistics.median(v):.0f}% ({len(v)})" for name, v in (("fast", fast), ("slow", slow)) if v)
+        print(f"{kind:9s} decode {tok_s:6.2f} tok/s  {per_token / 2**20:7.1f} MiB/token  roofline {band / per_token:6.2f} "
+              f"tok/s  -> {100 * ratio:4.0f}% of it (median of per-sample ratios; steady samples by regime: {regimes})",
+              flush=True)
     speed = {r["kind"]: r["decode_tok_s"] for r in rows}
     if "ternary" in speed and "int4" in speed:
         print(f"ternary / int4 decode: {speed['ternary'] / speed['int4']:.2f}x")

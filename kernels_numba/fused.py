@@ -203,6 +203,27 @@ def _tileable(m) -> bool:
             and os.environ.get("EDGERUN_INT4_TILES", "1").strip() != "0")
 
 
+def huge_empty(shape) -> np.ndarray:
+    """An uninitialised uint8 array in anonymous memory advised to transparent huge pages where
+    the OS has them (Linux, THP "madvise" or "always"). The file's weights are mapped from the page
+    cache, here in 2 MB pages; the tiles in 4 KB pages read ~10% slower than the rows they were
+    made from (a TLB miss every 4 KB of a stream)."""
+    import mmap
+    n = int(np.prod(shape))
+    huge = 2 << 20
+    if not hasattr(mmap, "MADV_HUGEPAGE") or n < huge:
+        return np.empty(shape, np.uint8)
+    m = mmap.mmap(-1, n + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -_address(m) % huge            # the first 2 MB boundary inside the mapping
+    m.madvise(mmap.MADV_HUGEPAGE, start, n)
+    return np.frombuffer(m, np.uint8, count=n, offset=start).reshape(shape)
+
+
+def _address(m) -> int:
+    import ctypes
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
 def tiled(mats):
     """A layer's seven matrices (q, k, v, o, gate, up, down) with every Int4G32Rows of float16
     scales as Int4Tiles (a repacked copy); other kinds as they are. Gate and up, read together a
@@ -216,11 +237,11 @@ def tiled(mats):
     def size(m):
         return m.qs.shape[0] // 4, int4_tile_bytes(m.scales.shape[1], m.has_mins)
 
-    out = [repack(m, np.empty(size(m), np.uint8)) if _tileable(m) else m for m in mats]
+    out = [repack(m, huge_empty(size(m))) if _tileable(m) else m for m in mats]
     g, u = mats[4], mats[5]
     if _tileable(g) and _tileable(u) and size(g) == size(u) and g.has_mins == u.has_mins:
         n, tb = size(g)
-        both = np.empty((n, 2 * tb), np.uint8)     # views with unit inner stride, as the kernel reads them
+        both = huge_empty((n, 2 * tb))     # views with unit inner stride, as the kernel reads them
         out[4], out[5] = repack(g, both[:, :tb]), repack(u, both[:, tb:])
     return out
 
