@@ -237,12 +237,16 @@ def tiled(mats):
     def size(m):
         return m.qs.shape[0] // 4, int4_tile_bytes(m.scales.shape[1], m.has_mins)
 
-    out = [repack(m, huge_empty(size(m))) if _tileable(m) else m for m in mats]
+    out = list(mats)
     g, u = mats[4], mats[5]
-    if _tileable(g) and _tileable(u) and size(g) == size(u) and g.has_mins == u.has_mins:
+    paired = _tileable(g) and _tileable(u) and size(g) == size(u) and g.has_mins == u.has_mins
+    if paired:
         n, tb = size(g)
         both = huge_empty((n, 2 * tb))     # views with unit inner stride, as the kernel reads them
         out[4], out[5] = repack(g, both[:, :tb]), repack(u, both[:, tb:])
+    for i, m in enumerate(mats):
+        if _tileable(m) and not (paired and i in (4, 5)):
+            out[i] = repack(m, huge_empty(size(m)))
     return out
 
 
