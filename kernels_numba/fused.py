@@ -214,14 +214,10 @@ def huge_empty(shape) -> np.ndarray:
     if not hasattr(mmap, "MADV_HUGEPAGE") or n < huge:
         return np.empty(shape, np.uint8)
     m = mmap.mmap(-1, n + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    start = -_address(m) % huge            # the first 2 MB boundary inside the mapping
+    buf = np.frombuffer(m, np.uint8)
+    start = -buf.ctypes.data % huge        # the first 2 MB boundary inside the mapping
     m.madvise(mmap.MADV_HUGEPAGE, start, n)
-    return np.frombuffer(m, np.uint8, count=n, offset=start).reshape(shape)
-
-
-def _address(m) -> int:
-    import ctypes
-    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+    return buf[start:start + n].reshape(shape)
 
 
 def tiled(mats):

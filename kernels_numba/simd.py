@@ -403,6 +403,32 @@ def _prefetch_l2(builder, base, offset, *ahead):
         _intr(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_i32, 0), ir.Constant(_i32, 1), ir.Constant(_i32, 1)])
 
 
+def _quad_fma(builder, lo, hi, xlo, xhi, sv, idx, acc):
+    """One quad-order step: acc += float(lo . xlo + hi . xhi, 4 bytes a lane) * sv[idx]; lo / hi
+    the unpacked low / high nibbles of QUAD blocks, xlo / xhi their activations (<64 x i8> with
+    512-bit VNNI, else <32 x i8>), idx each lane's block. Shared by _int4_g32_quad and
+    dot_int4_tiles4."""
+    dty, fty = (_v16i32, _v16f32) if WIDE else (_v8i32, _v8f32)
+    if WIDE:
+        d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
+                  [ir.Constant(dty, None), builder.bitcast(lo, dty), builder.bitcast(xlo, dty)])
+        d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty, [d, builder.bitcast(hi, dty), builder.bitcast(xhi, dty)])
+    else:
+        d = builder.add(_byte_dot(builder, lo, xlo, False), _byte_dot(builder, hi, xhi, False))
+    s = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
+    builder.store(_intr(builder, f"llvm.fma.v{fty.count}f32", fty, [builder.sitofp(d, fty), s, builder.load(acc)]), acc)
+
+
+def _quad_total(builder, acc, corr, tail):
+    """A quad-order row's float total: its two accumulators, the xsum corrections and the tail
+    blocks' total (tail: the _Tok _int4_g32 ran on)."""
+    v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
+    if WIDE:
+        v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8)))),
+                         builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8, 16)))))
+    return builder.fadd(_tree_sum(builder, builder.fadd(v, builder.load(corr))), tail.acc.total())
+
+
 def _int4_g32_quad(builder, qa, wa, ca, cf, half, nb, toks):
     """Int4 rows with groups of 32 against activations in quad order (quad_order), for one or
     more tokens (each row step unpacked once for all of them) -> one float total per token.
@@ -413,7 +439,7 @@ def _int4_g32_quad(builder, qa, wa, ca, cf, half, nb, toks):
     cache). Blocks past the last whole 8 (in natural order there): _int4_g32."""
     eight = ir.Constant(_i64, 8)
     ntiles = builder.sdiv(nb, eight)
-    vty, dty, fty = (_v64i8, _v16i32, _v16f32) if WIDE else (_v32i8, _v8i32, _v8f32)
+    vty, fty = (_v64i8, _v16f32) if WIDE else (_v32i8, _v8f32)
     per = 4 if WIDE else 2                      # blocks per step
     nbytes = 16 * per
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(fty, None)) for _ in range(2)] for _ in toks]
@@ -438,19 +464,8 @@ def _int4_g32_quad(builder, qa, wa, ca, cf, half, nb, toks):
             idx = sum(([per * p + k] * 4 for k in range(per)), [])
             for tok, sv, acc in zip(toks, svs, accs):
                 xo = builder.add(tok.xq, builder.mul(b, ir.Constant(_i64, BLOCK)))
-                xlo = _load(builder, xo, ir.Constant(_i64, 0), vty)
-                xhi = _load(builder, xo, ir.Constant(_i64, nbytes), vty)
-                if WIDE:
-                    d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
-                              [ir.Constant(dty, None), builder.bitcast(lo, dty), builder.bitcast(xlo, dty)])
-                    d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", dty,
-                              [d, builder.bitcast(hi, dty), builder.bitcast(xhi, dty)])
-                else:
-                    d = builder.add(_byte_dot(builder, lo, xlo, False), _byte_dot(builder, hi, xhi, False))
-                s = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
-                a = acc[p % 2]
-                builder.store(_intr(builder, f"llvm.fma.v{fty.count}f32", fty,
-                                    [builder.sitofp(d, fty), s, builder.load(a)]), a)
+                _quad_fma(builder, lo, hi, _load(builder, xo, ir.Constant(_i64, 0), vty),
+                          _load(builder, xo, ir.Constant(_i64, nbytes), vty), sv, idx, acc[p % 2])
     done = builder.mul(ntiles, eight)
 
     def at(base, size):
@@ -459,14 +474,7 @@ def _int4_g32_quad(builder, qa, wa, ca, cf, half, nb, toks):
     tails = [_Tok(builder, at(tok.xq, BLOCK), at(tok.xs, 4), at(tok.xsum, 4)) for tok in toks]
     _int4_g32(builder, at(qa, 16), at(wa, 2 if half else 4), at(ca, 2 if half else 4), cf, half,
               builder.sub(nb, done), tails)
-    totals = []
-    for acc, corr, tail in zip(accs, corrs, tails):
-        v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
-        if WIDE:
-            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8)))),
-                             builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8, 16)))))
-        totals.append(builder.fadd(_tree_sum(builder, builder.fadd(v, builder.load(corr))), tail.acc.total()))
-    return totals
+    return [_quad_total(builder, acc, corr, tail) for acc, corr, tail in zip(accs, corrs, tails)]
 
 
 @njit(**JIT)
@@ -563,34 +571,26 @@ def repack_int4_tiles(qs, scales, mins, has_mins, out):
     nt, rem = nb // 8, nb % 8
     sb = 64 * (2 if has_mins else 1)
     tile = sb + 512
+    sc, mn = scales.view(np.uint8), mins.view(np.uint8)      # float16 bits as 2 bytes each
     for g in prange(out.shape[0]):
         dst = out[g]
         for t in range(nt):
             o = t * tile
             for k in range(4):
                 r = 4 * g + k
-                for j in range(8):
-                    v = scales[r, 8 * t + j]
-                    dst[o + 16 * k + 2 * j] = v & 255
-                    dst[o + 16 * k + 2 * j + 1] = v >> 8
-                    if has_mins:
-                        m = mins[r, 8 * t + j]
-                        dst[o + 64 + 16 * k + 2 * j] = m & 255
-                        dst[o + 64 + 16 * k + 2 * j + 1] = m >> 8
+                dst[o + 16 * k:o + 16 * k + 16] = sc[r, 16 * t:16 * t + 16]
+                if has_mins:
+                    dst[o + 64 + 16 * k:o + 80 + 16 * k] = mn[r, 16 * t:16 * t + 16]
                 dst[o + sb + 128 * k:o + sb + 128 * k + 128] = qs[r, 128 * t:128 * t + 128]
         o = nt * tile
         for k in range(4):
             r = 4 * g + k
-            for j in range(rem):
-                v = scales[r, 8 * nt + j]
-                dst[o + 2 * j] = v & 255
-                dst[o + 2 * j + 1] = v >> 8
-                if has_mins:
-                    m = mins[r, 8 * nt + j]
-                    dst[o + 2 * rem + 2 * j] = m & 255
-                    dst[o + 2 * rem + 2 * j + 1] = m >> 8
-            o += rem * (4 if has_mins else 2)
-            dst[o:o + 16 * rem] = qs[r, 128 * nt:128 * nt + 16 * rem]
+            dst[o:o + 2 * rem] = sc[r, 16 * nt:]
+            o += 2 * rem
+            if has_mins:
+                dst[o:o + 2 * rem] = mn[r, 16 * nt:]
+                o += 2 * rem
+            dst[o:o + 16 * rem] = qs[r, 128 * nt:]
             o += 16 * rem
 
 
@@ -655,19 +655,12 @@ def dot_int4_tiles4(typingctx, tiles, g, has_mins, nb, xq, xs, xsum):
                 builder.store(_intr(builder, "llvm.fma.v8f32", _v8f32, [c8, xsum8, builder.load(corrs[k])]), corrs[k])
             for p in range(2):
                 xo = builder.add(tok.xq, builder.mul(builder.add(b0, i64(4 * p)), i64(BLOCK)))
-                xlo = builder.bitcast(_load(builder, xo, i64(0), _v64i8), _v16i32)
-                xhi = builder.bitcast(_load(builder, xo, i64(64), _v64i8), _v16i32)
-                idx = ir.Constant(ir.VectorType(_i32, 16), sum(([4 * p + j] * 4 for j in range(4)), []))
+                xlo, xhi = _load(builder, xo, i64(0), _v64i8), _load(builder, xo, i64(64), _v64i8)
+                idx = sum(([4 * p + j] * 4 for j in range(4)), [])
                 for k in range(4):
                     v = _load(builder, builder.add(off, sb), i64(128 * k + 64 * p), _v64i8)
-                    lo = builder.and_(v, _splat(_v64i8, 15))
                     hi = builder.and_(builder.lshr(v, _splat(_v64i8, 4)), _splat(_v64i8, 15))
-                    d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32,
-                              [ir.Constant(_v16i32, None), builder.bitcast(lo, _v16i32), xlo])
-                    d = _intr(builder, "llvm.x86.avx512.vpdpbusd.512", _v16i32, [d, builder.bitcast(hi, _v16i32), xhi])
-                    s = builder.shuffle_vector(svs[k], svs[k], idx)
-                    a = accs[k][p]
-                    builder.store(_intr(builder, "llvm.fma.v16f32", _v16f32, [builder.sitofp(d, _v16f32), s, builder.load(a)]), a)
+                    _quad_fma(builder, builder.and_(v, _splat(_v64i8, 15)), hi, xlo, xhi, svs[k], idx, accs[k][p])
         # the tail blocks, row by row, through the natural-order kernel (as dot_int4_row_quad's tail)
         done = builder.mul(ntiles, i64(8))
         rem = builder.sub(nbv, done)
@@ -680,10 +673,7 @@ def dot_int4_tiles4(typingctx, tiles, g, has_mins, nb, xq, xs, xsum):
             tail = _Tok(builder, builder.add(tok.xq, builder.mul(done, i64(BLOCK))),
                         builder.add(tok.xs, builder.mul(done, i64(4))), builder.add(tok.xsum, builder.mul(done, i64(4))))
             _int4_g32(builder, builder.add(rbase, sbytes), rbase, mins, cf, True, rem, [tail])
-            v = builder.fadd(builder.load(accs[k][0]), builder.load(accs[k][1]))
-            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8)))),
-                             builder.shuffle_vector(v, v, ir.Constant(_v8i32, list(range(8, 16)))))
-            totals.append(builder.fadd(_tree_sum(builder, builder.fadd(v, builder.load(corrs[k]))), tail.acc.total()))
+            totals.append(_quad_total(builder, accs[k], corrs[k], tail))
         return context.make_tuple(builder, sig_.return_type, totals)
 
     return sig, codegen
