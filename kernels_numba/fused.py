@@ -30,7 +30,7 @@ from edgerun.packed import DenseWeight, Int4Weight, Int8Weight, Sparse24Weight, 
 
 from ._common import FASTMATH, JIT
 from .ops import rms_norm_heads, rope_qk
-from .paged_attention import paged_attention, store_kv_paged, store_kv_paged_int8
+from .paged_attention import paged_attention, prefetch_kv_share, store_kv_paged, store_kv_paged_int8
 from .lowbit import EXPAND, KB, TB, WIDE, _to_planes, dot_24_expand, dot_t2_rows4, dot_t2_simd, quantize_rows_int8
 from .simd import (BLOCK, dot_half_row, dot_int4_row, dot_int4_row_quad, dot_int4_tiles4, dot_int8_row, int4_tile_bytes,
                    quad_order, quantize_act, repack_int4_tiles)
@@ -336,7 +336,9 @@ def llama_layer_decode(x, norms, qk_norms, eps, wq, wk, wv, wo, wg, wu, wd, bias
     _norm_into(x, norms[0], eps, xn)
     quantize_both(xn, act_h)
     g4 = 4 if blocks else 1
-    for ib in prange((nq + 2 * nk) // g4):
+    n_qkv = (nq + 2 * nk) // g4
+    for ib in prange(n_qkv):
+        prefetch_kv_share(kp, vp, table, positions[0], window, ib, n_qkv)
         if blocks:          # 4 rows of one matrix (nq and nk are multiples of 4)
             i = 4 * ib
             if i < nq:

@@ -439,6 +439,65 @@ def test_paged_attention_decode(start, window):
     check(out, A.attention_ref(q, kd, vd, start, 0.125, window), 1e-5, what="int8 decode attention")
 
 
+@pytest.mark.parametrize("d", [16, 80, 96, 128])
+@pytest.mark.parametrize("H,Hk", [(5, 5), (6, 2), (7, 1), (16, 2)], ids=["mha", "gqa3", "mqa7", "gqa8"])
+@pytest.mark.parametrize("start,window,bs", [(0, 0, 4), (6, 0, 4), (22, 0, 16), (45, 0, 4), (45, 19, 4), (45, 3, 16)])
+def test_decode_attention_shapes(d, H, Hk, start, window, bs):
+    """The one-query kernel (head_dim a multiple of 16: 1, 5, 6 and 8 chunks of 16, so the value
+    sums' 4-chunk steps and their 1-chunk tail) against the reference: query groups of 1 to 8
+    heads (4 at a time, a partial last call), a start inside and at the edge of a block, windows
+    starting mid-block; float32 and int8 blocks."""
+    from edgerun.kernels_numba import paged_attention as P
+    r = rng(d * 7 + H + start + window + bs)
+    L_ = start + 1
+    q = r.normal(size=(1, H, d)).astype(np.float32)
+    k = (r.normal(size=(L_, Hk, d)) * 0.4).astype(np.float32)
+    v = r.normal(size=(L_, Hk, d)).astype(np.float32)
+    kp, vp, table = paged_setup(k, v, bs, r)
+    P.store_kv_paged(k, v, kp, vp, table, 0)
+    ones = np.ones((1, 1, 1), np.float32)
+    scale = np.float32(d ** -0.5)
+    out = np.full_like(q, np.nan)
+    P.decode_attention(q, kp, vp, ones, ones, False, table, start, scale, window, np.float32(0), out)
+    check(out, A.attention_ref(q, k, v, start, float(scale), window), 1e-5, what="decode attention")
+    kq, vq = np.zeros(kp.shape, np.int8), np.zeros(vp.shape, np.int8)
+    ks, vs = np.zeros(kp.shape[:3], np.float32), np.zeros(vp.shape[:3], np.float32)
+    P.store_kv_paged_int8(k, v, kq, vq, ks, vs, table, 0)
+    out = np.full_like(q, np.nan)
+    P.decode_attention(q, kq, vq, ks, vs, True, table, start, scale, window, np.float32(0), out)
+    kd, vd = P.gather_ref(kq, table, L_, ks), P.gather_ref(vq, table, L_, vs)
+    check(out, A.attention_ref(q, kd, vd, start, float(scale), window), 1e-5, what="int8 decode attention")
+
+
+def test_decode_attention_exp_and_max():
+    """The vectorised exp (exp_shifted) against np.exp of the same float32 differences over the
+    whole range a softmax meets, to a few float32 ulps; the integer-ordered max against np.max on negative, positive and mixed
+    values."""
+    from numba import njit
+    from edgerun.kernels_numba import paged_attention as P
+
+    @njit
+    def run(x, m):
+        y = x.copy()
+        P.exp_shifted(y, m, np.empty(x.shape[0], np.int32))
+        return y
+
+    @njit
+    def vmax(x):
+        return P._max(x, np.empty(1, np.int32))
+
+    x = np.concatenate([np.linspace(-90, 3, 20001), [3.0, -0.0, 0.0, 1e-30]]).astype(np.float32)
+    got, ref = run(x, np.float32(3.0)), np.exp((x - np.float32(3.0)).astype(np.float64))   # the float32 difference
+    big = ref > 1e-37
+    assert np.max(np.abs(got[big] - ref[big]) / ref[big]) < 4e-7
+    assert np.all(got[~big] < 1.1e-37)                 # below exp(-87): ~1e-38, not 0
+    r = rng(3)
+    for vals in (-np.abs(r.normal(size=37)) - 1, np.abs(r.normal(size=5)), r.normal(size=64) * 100,
+                 np.array([-0.0, 0.0]), np.array([-3.5])):
+        v32 = vals.astype(np.float32)
+        assert vmax(v32) == v32.max()
+
+
 @pytest.mark.parametrize("H,Hk", [(6, 2), (5, 1)], ids=["gqa3", "mqa"])
 @pytest.mark.parametrize("window", [0, 5])
 def test_paged_attention_int8_kv(H, Hk, window):
