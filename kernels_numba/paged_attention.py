@@ -388,33 +388,52 @@ def _prefetch_ahead(k_pool, v_pool, table, kv, first, last, step):
         prefetch_lines(v_pool if v_ else k_pool, off_, max(1, half_ // 64))
 
 
+SPLIT_MIN = 256   # positions a job at least, when a long context is split between jobs
+JOBS = 16         # jobs a long context is split into, about (a constant: numba.get_num_threads()
+                  # inside a kernel keeps it out of the cache)
+
+
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def decode_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, start, scale, window, softcap, out):
-    """paged_attention for one query (T = 1) and head_dim a multiple of 16: a kv head a job,
-    its GQA group's scores over every position in one (G, L) buffer, softmax, then the weighted
-    values accumulated block by block."""
+    """paged_attention for one query (T = 1) and head_dim a multiple of 16. A job is a kv head
+    and a run of blocks: its GQA group's scores over the run's positions in one (G, n) buffer,
+    softmax, then the weighted values accumulated block by block. A long context is split into
+    runs of at least SPLIT_MIN positions (flash-decoding) when there are fewer kv heads than
+    JOBS (SmolLM2: 3 kv heads on 2 threads, one idle a third of the time unsplit), each run's
+    output weighted by its share of the softmax at the end."""
     H, d = q.shape[1], q.shape[2]
     n_kv, bs = k_pool.shape[1], k_pool.shape[2]
     G = H // n_kv
     lo = 0 if window <= 0 else max(0, start - window + 1)
-    L = start + 1 - lo
-    for kv in prange(n_kv):
+    first, last = lo // bs, start // bs
+    n_blocks = last + 1 - first
+    want = -(-JOBS // n_kv)
+    n_split = max(1, min(want, (start + 1 - lo) // SPLIT_MIN, n_blocks))
+    per = -(-n_blocks // n_split)
+    n_split = -(-n_blocks // per)
+    part = np.empty((n_kv, n_split if n_split > 1 else 0, G, d), np.float32)
+    m_den = np.empty((n_kv, n_split, 2, G), np.float32)
+    for job in prange(n_kv * n_split):
+        kv, sp = job // n_split, job % n_split
+        b_lo = first + sp * per
+        b_hi = min(last, b_lo + per - 1)
+        p_lo = max(lo, b_lo * bs)
+        L = min(start, b_hi * bs + bs - 1) + 1 - p_lo
         qs = np.empty((G, d), np.float32)
         for hh in range(G):
             for c in range(d):
                 qs[hh, c] = q[0, kv * G + hh, c] * scale
         s = np.empty((G, L + POS), np.float32)
         bits = np.empty(L, np.int32)
-        first, last = lo // bs, start // bs
         for h2 in range(AHEAD):
-            _prefetch_ahead(k_pool, v_pool, table, kv, first, last, h2)
-        for lb in range(first, last + 1):
+            _prefetch_ahead(k_pool, v_pool, table, kv, b_lo, b_hi, h2)
+        for lb in range(b_lo, b_hi + 1):
             for h2 in range(2):
-                _prefetch_ahead(k_pool, v_pool, table, kv, first, last, 2 * (lb - first) + AHEAD + h2)
+                _prefetch_ahead(k_pool, v_pool, table, kv, b_lo, b_hi, 2 * (lb - b_lo) + AHEAD + h2)
             b = table[lb]
-            j0 = max(lo - lb * bs, 0)
+            j0 = max(p_lo - lb * bs, 0)
             n = min(start - lb * bs + 1, bs) - j0
-            t0 = lb * bs + j0 - lo
+            t0 = lb * bs + j0 - p_lo
             for g0 in range(0, G, HEADS):
                 qk_scores(qs, k_pool[b, kv], j0, n, s, t0, g0)
             if quantized:
@@ -426,28 +445,48 @@ def decode_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, star
             if softcap > 0:
                 for t in range(L):
                     sr[t] = softcap * np.tanh(sr[t] / softcap)
-            exp_shifted(sr, _max(sr, bits), bits)
+            m = _max(sr, bits)
+            exp_shifted(sr, m, bits)
             den = np.float32(0.0)
             for t in range(L):
                 den += sr[t]
             inv = np.float32(1.0) / den
             for t in range(L):
                 sr[t] *= inv
-        o = out[0][kv * G:(kv + 1) * G]
+            m_den[kv, sp, 0, hh] = m
+            m_den[kv, sp, 1, hh] = den
+        o = part[kv, sp] if n_split > 1 else out[0][kv * G:(kv + 1) * G]
         o[:] = 0
-        for lb in range(first, last + 1):
+        for lb in range(b_lo, b_hi + 1):
             for h2 in range(2):
-                _prefetch_ahead(k_pool, v_pool, table, kv, first, last, 2 * (last + 1 + lb - 2 * first) + AHEAD + h2)
+                _prefetch_ahead(k_pool, v_pool, table, kv, b_lo, b_hi, 2 * (b_hi + 1 + lb - 2 * b_lo) + AHEAD + h2)
             b = table[lb]
-            j0 = max(lo - lb * bs, 0)
+            j0 = max(p_lo - lb * bs, 0)
             n = min(start - lb * bs + 1, bs) - j0
-            t0 = lb * bs + j0 - lo
+            t0 = lb * bs + j0 - p_lo
             if quantized:
                 for hh in range(G):
                     for i in range(n):
                         s[hh, t0 + i] *= v_scale[b, kv, j0 + i]
             for g0 in range(0, G, HEADS):
                 pv_accumulate(s, v_pool[b, kv], j0, n, t0, g0, o)
+    if n_split > 1:
+        for kv in range(n_kv):
+            for hh in range(G):
+                m = m_den[kv, 0, 0, hh]
+                for sp in range(1, n_split):
+                    m = max(m, m_den[kv, sp, 0, hh])
+                tot = np.float32(0.0)
+                for sp in range(n_split):           # each run's weight: its den * exp(its max - m)
+                    w = m_den[kv, sp, 1, hh] * np.float32(np.exp(m_den[kv, sp, 0, hh] - m))
+                    m_den[kv, sp, 1, hh] = w
+                    tot += w
+                o = out[0, kv * G + hh]
+                o[:] = 0
+                for sp in range(n_split):
+                    w = m_den[kv, sp, 1, hh] / tot
+                    for c in range(d):
+                        o[c] += w * part[kv, sp, hh, c]
 
 
 @intrinsic

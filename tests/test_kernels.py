@@ -441,12 +441,14 @@ def test_paged_attention_decode(start, window):
 
 @pytest.mark.parametrize("d", [16, 80, 96, 128])
 @pytest.mark.parametrize("H,Hk", [(5, 5), (6, 2), (7, 1), (16, 2)], ids=["mha", "gqa3", "mqa7", "gqa8"])
-@pytest.mark.parametrize("start,window,bs", [(0, 0, 4), (6, 0, 4), (22, 0, 16), (45, 0, 4), (45, 19, 4), (45, 3, 16)])
+@pytest.mark.parametrize("start,window,bs", [(0, 0, 4), (6, 0, 4), (22, 0, 16), (45, 0, 4), (45, 19, 4), (45, 3, 16),
+                                              (600, 0, 16), (700, 530, 4)])
 def test_decode_attention_shapes(d, H, Hk, start, window, bs):
     """The one-query kernel (head_dim a multiple of 16: 1, 5, 6 and 8 chunks of 16, so the value
     sums' 4-chunk steps and their 1-chunk tail) against the reference: query groups of 1 to 8
     heads (4 at a time, a partial last call), a start inside and at the edge of a block, windows
-    starting mid-block; float32 and int8 blocks."""
+    starting mid-block, long contexts split between jobs (runs of blocks merged at the end);
+    float32 and int8 blocks."""
     from edgerun.kernels_numba import paged_attention as P
     r = rng(d * 7 + H + start + window + bs)
     L_ = start + 1
