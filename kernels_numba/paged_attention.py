@@ -25,8 +25,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._common import FASTMATH, JIT
-from .lowbit import _rint
 from .simd import _f32, _i32, _i64, _intr, _load
+from .ssm import fast_exp
 
 Q_TILE = 8
 
@@ -328,32 +328,12 @@ def pv_accumulate(typingctx, p, vb, j0, n, t0, g0, o):
     return sig, codegen
 
 
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693145751953125)       # ln 2 in two parts: k * _LN2_HI is exact for |k| < 2**9
-_LN2_LO = np.float32(1.428606765330187e-06)
-
-
 @njit(inline="always", fastmath=FASTMATH)
-def exp_shifted(x, m, bits):
-    """x[:] = exp(x - m) for x <= m, in float32 to ~2 ulp (a result below exp(-87) is ~1e-38,
-    not 0); bits: int32 scratch as long as x. k = rint((x - m) / ln 2), exp = 2**k * e**r with r
-    in [-ln2/2, ln2/2] by a degree-6 Taylor polynomial (error < 2e-7 there), 2**k built from its
-    exponent bits: every step vectorises (np.exp is a scalar call here, no SVML)."""
-    n_ = x.shape[0]
-    for j_ in range(n_):
-        v_ = max(x[j_] - m, np.float32(-87.0))
-        k_ = _rint(v_ * _LOG2E)
-        r_ = (v_ - k_ * _LN2_HI) - k_ * _LN2_LO
-        p_ = np.float32(1.0 / 720.0) * r_ + np.float32(1.0 / 120.0)
-        p_ = p_ * r_ + np.float32(1.0 / 24.0)
-        p_ = p_ * r_ + np.float32(1.0 / 6.0)
-        p_ = p_ * r_ + np.float32(0.5)
-        p_ = p_ * r_ + np.float32(1.0)
-        x[j_] = p_ * r_ + np.float32(1.0)
-        bits[j_] = (np.int32(k_) + np.int32(127)) << 23
-    f_ = bits.view(np.float32)
-    for j_ in range(n_):
-        x[j_] *= f_[j_]
+def exp_shifted(x, m):
+    """x[:] = exp(x - m) for x <= m with ssm.fast_exp (arithmetic only, so the loop vectorises:
+    np.exp is a scalar call here, no SVML)."""
+    for j_ in range(x.shape[0]):
+        x[j_] = fast_exp(x[j_] - m)
 
 
 @njit(inline="always")
@@ -424,7 +404,7 @@ def decode_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, star
             for c in range(d):
                 qs[hh, c] = q[0, kv * G + hh, c] * scale
         s = np.empty((G, L + POS), np.float32)
-        bits = np.empty(L, np.int32)
+        one = np.empty(1, np.int32)
         for h2 in range(AHEAD):
             _prefetch_ahead(k_pool, v_pool, table, kv, b_lo, b_hi, h2)
         for lb in range(b_lo, b_hi + 1):
@@ -445,8 +425,8 @@ def decode_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, star
             if softcap > 0:
                 for t in range(L):
                     sr[t] = softcap * np.tanh(sr[t] / softcap)
-            m = _max(sr, bits)
-            exp_shifted(sr, m, bits)
+            m = _max(sr, one)
+            exp_shifted(sr, m)
             den = np.float32(0.0)
             for t in range(L):
                 den += sr[t]
@@ -482,8 +462,10 @@ def decode_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, star
                     m_den[kv, sp, 1, hh] = w
                     tot += w
                 o = out[0, kv * G + hh]
-                o[:] = 0
-                for sp in range(n_split):
+                w = m_den[kv, 0, 1, hh] / tot
+                for c in range(d):              # loops, not o[:] = ...: in this (parallel) function
+                    o[c] = w * part[kv, 0, hh, c]   # an array expression is a parallel region of its own
+                for sp in range(1, n_split):
                     w = m_den[kv, sp, 1, hh] / tot
                     for c in range(d):
                         o[c] += w * part[kv, sp, hh, c]

@@ -460,6 +460,14 @@ def group_norm_silu(x, gate, groups, weight, bias, eps, out):
 
 # ------------------------------------------------------------------ one-token layer steps (decode)
 
+@njit(**JIT)
+def _copy(src, dst):
+    """dst[:] = src as a call: in a parallel=True function an array expression outside prange is
+    a parallel region of its own (~1 us each; measured in paged_attention.decode_attention)."""
+    for i in range(src.shape[0]):
+        dst[i] = src[i]
+
+
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
 def rwkv7_layer_decode(x, s, att_prev, ffn_prev, vfirst, first, p, wr, wk, wv, wo, wfk, wfv, sc):
     """One token through one RWKV-7 layer in one compiled call; x (1, C) updated in place.
@@ -480,7 +488,7 @@ def rwkv7_layer_decode(x, s, att_prev, ffn_prev, vfirst, first, p, wr, wk, wv, w
     # ---- time mixing
     layer_norm(x, ln[0], ln[1], eps, xx)
     shift_mix(xx, att_prev, mix, mixed)                     # xr, xw, xk, xv, xa, xg
-    att_prev[:] = xx[0]
+    _copy(xx[0], att_prev)
     # views one per statement: a tuple assignment of four views left one unwritten in a prange
     # below (Numba 0.68 parfor lowering; see tests/test_rwkv.py test_fused_decode_equals_op_by_op)
     xr = mixed[0, 0]
@@ -514,7 +522,7 @@ def rwkv7_layer_decode(x, s, att_prev, ffn_prev, vfirst, first, p, wr, wk, wv, w
     # ---- channel mixing: relu(k)^2 rows, then the value rows
     layer_norm(x, ln[2], ln[3], eps, xx)
     shift_mix(xx, ffn_prev, ffn_mix, mixed2)
-    ffn_prev[:] = xx[0]
+    _copy(xx[0], ffn_prev)
     xf = mixed2[0, 0]
     quantize_both(xf, act_f)
     for i in prange(hid.shape[0]):
@@ -538,7 +546,7 @@ def rwkv6_layer_decode(x, s, att_prev, ffn_prev, vfirst, first, p, wr, wk, wv, w
     # ---- time mixing
     layer_norm(x, ln[0], ln[1], eps, xx)
     v6_mix_span(xx, att_prev, m6[0], m6[1], m6[2], m6[3], m6[4], m6[5], m6[6], 0, 1, m5)  # w, xk, xv, xr, xg
-    att_prev[:] = xx[0]
+    _copy(xx[0], att_prev)
     xk = m5[1, 0]                               # views one per statement (see rwkv7_layer_decode)
     xv = m5[2, 0]
     xr = m5[3, 0]
@@ -569,7 +577,7 @@ def rwkv6_layer_decode(x, s, att_prev, ffn_prev, vfirst, first, p, wr, wk, wv, w
     # ---- channel mixing: relu(k)^2 and r rows together, then the value rows gated by sigmoid(r)
     layer_norm(x, ln[2], ln[3], eps, xx)
     shift_mix(xx, ffn_prev, ffn_mix, mixed2)
-    ffn_prev[:] = xx[0]
+    _copy(xx[0], ffn_prev)
     xf = mixed2[0, 0]
     xfr = mixed2[1, 0]
     quantize_both(xf, act_f)
