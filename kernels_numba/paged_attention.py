@@ -227,15 +227,27 @@ def _sum16x16(builder, accs):
     return builder.shuffle_vector(v[0], v[0], ir.Constant(ir.VectorType(_i32, 16), _UNREV))
 
 
+def _arrays_ok(a, block, b) -> bool:
+    """The typing both kernels below accept: 2-D C arrays, float32 but for the cache block
+    (float32 or int8)."""
+    return (all(isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" for x in (a, block, b))
+            and a.dtype == b.dtype == types.float32 and block.dtype in (types.float32, types.int8))
+
+
+def _heads(builder, G, g0):
+    """The HEADS query rows of a call from g0 (past the group's last: the last again, computed
+    and not stored) and how many are real (G - g0, HEADS or more for a full call)."""
+    return ([_min(builder, builder.add(g0, _i(h)), builder.sub(G, _i(1))) for h in range(HEADS)],
+            builder.sub(G, g0))
+
+
 @intrinsic
 def qk_scores(typingctx, qs, kb, j0, n, s, t0, g0):
     """s[g0 + h, t0 + i] = qs[g0 + h] . kb[j0 + i] for h < min(4, G - g0), i < n, from qs (G, d)
     float32 and a block's keys kb (bs, d) float32 or int8 (d a multiple of 16). Positions go 4 at
     a time: s gets up to 3 values past t0 + n (its rows need that much room), which the next
     block's call overwrites."""
-    if not (isinstance(qs, types.Array) and isinstance(kb, types.Array) and isinstance(s, types.Array)
-            and qs.ndim == kb.ndim == s.ndim == 2 and qs.layout == kb.layout == s.layout == "C"
-            and qs.dtype == s.dtype == types.float32 and kb.dtype in (types.float32, types.int8)):
+    if not _arrays_ok(qs, kb, s):
         return None
     int8 = kb.dtype == types.int8
     sig = types.void(qs, kb, types.int64, types.int64, s, types.int64, types.int64)
@@ -245,8 +257,7 @@ def qk_scores(typingctx, qs, kb, j0, n, s, t0, g0):
         ka = _shape(context, builder, sig_.args[1], args[1])[0]
         sa, _, ls = _shape(context, builder, sig_.args[4], args[4])
         j0_, n_, t0_, g0_ = args[2], args[3], args[5], args[6]
-        heads = [_min(builder, builder.add(g0_, _i(h)), builder.sub(G, _i(1))) for h in range(HEADS)]
-        nh = builder.sub(G, g0_)
+        heads, nh = _heads(builder, G, g0_)
         dc = builder.udiv(d, _i(16))
         accs = [cgutils.alloca_once(builder, _v16f32) for _ in range(HEADS * POS)]
         steps = builder.udiv(builder.add(n_, _i(POS - 1)), _i(POS))
@@ -279,9 +290,7 @@ def pv_accumulate(typingctx, p, vb, j0, n, t0, g0, o):
     """o[g0 + h] += sum_i p[g0 + h, t0 + i] * vb[j0 + i] for h < min(4, G - g0), i < n: weights p
     (G, L) float32, a block's values vb (bs, d) float32 or int8, o (G, d) float32 (d a multiple
     of 16); the sums stay in registers over the block, 4 heads x 4 chunks of 16 at a time."""
-    if not (isinstance(p, types.Array) and isinstance(vb, types.Array) and isinstance(o, types.Array)
-            and p.ndim == vb.ndim == o.ndim == 2 and p.layout == vb.layout == o.layout == "C"
-            and p.dtype == o.dtype == types.float32 and vb.dtype in (types.float32, types.int8)):
+    if not _arrays_ok(p, vb, o):
         return None
     int8 = vb.dtype == types.int8
     sig = types.void(p, vb, types.int64, types.int64, types.int64, types.int64, o)
@@ -291,8 +300,7 @@ def pv_accumulate(typingctx, p, vb, j0, n, t0, g0, o):
         va = _shape(context, builder, sig_.args[1], args[1])[0]
         oa, G, d = _shape(context, builder, sig_.args[6], args[6])
         j0_, n_, t0_, g0_ = args[2], args[3], args[4], args[5]
-        heads = [_min(builder, builder.add(g0_, _i(h)), builder.sub(G, _i(1))) for h in range(HEADS)]
-        nh = builder.sub(G, g0_)
+        heads, nh = _heads(builder, G, g0_)
         dc = builder.udiv(d, _i(16))
         accs = [cgutils.alloca_once(builder, _v16f32) for _ in range(HEADS * 4)]
 

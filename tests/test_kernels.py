@@ -416,27 +416,37 @@ def test_paged_attention_decode(start, window):
     """One token (decode) at a short and a long position, with and without a window: equal to the
     reference, with int8 blocks and a softcap too."""
     from edgerun.kernels_numba import paged_attention as P
-    H, Hk, d, bs = 8, 2, 64, 16
-    r = rng(start + window)
-    L_ = start + 1
-    q = r.normal(size=(1, H, d)).astype(np.float32)
-    k = (r.normal(size=(L_, Hk, d)) * 0.3).astype(np.float32)
-    v = r.normal(size=(L_, Hk, d)).astype(np.float32)
-    kp, vp, table = paged_setup(k, v, bs, r)
-    P.store_kv_paged(k, v, kp, vp, table, 0)
+    q, k, v, kp, vp, table = _decode_inputs(8, 2, 64, 16, start, 0.3, rng(start + window))
     ones = np.ones((1, 1, 1), np.float32)
     for softcap in (0.0, 2.0):
         out = np.full_like(q, np.nan)
         P.paged_attention(q, kp, vp, ones, ones, False, table, start, np.float32(0.125), window, np.float32(softcap), out)
         check(out, A.attention_ref(q, k, v, start, 0.125, window, softcap=softcap), 1e-5,
               what=f"decode attention at {start}, window {window}, softcap {softcap}")
-    kq, vq = np.zeros(kp.shape, np.int8), np.zeros(vp.shape, np.int8)
-    ks, vs = np.zeros(kp.shape[:3], np.float32), np.zeros(vp.shape[:3], np.float32)
-    P.store_kv_paged_int8(k, v, kq, vq, ks, vs, table, 0)
+    kq, vq, ks, vs, kd, vd = _int8_pools(k, v, kp, table)
     out = np.empty_like(q)
     P.paged_attention(q, kq, vq, ks, vs, True, table, start, np.float32(0.125), window, np.float32(0), out)
-    kd, vd = P.gather_ref(kq, table, L_, ks), P.gather_ref(vq, table, L_, vs)
     check(out, A.attention_ref(q, kd, vd, start, 0.125, window), 1e-5, what="int8 decode attention")
+
+
+def _decode_inputs(H, Hk, d, bs, start, kscale, r):
+    """One query at position start and a paged f32 cache holding positions 0..start."""
+    from edgerun.kernels_numba import paged_attention as P
+    q = r.normal(size=(1, H, d)).astype(np.float32)
+    k = (r.normal(size=(start + 1, Hk, d)) * kscale).astype(np.float32)
+    v = r.normal(size=(start + 1, Hk, d)).astype(np.float32)
+    kp, vp, table = paged_setup(k, v, bs, r)
+    P.store_kv_paged(k, v, kp, vp, table, 0)
+    return q, k, v, kp, vp, table
+
+
+def _int8_pools(k, v, kp, table):
+    """The same keys and values in int8 pools (+ scales), and what those hold, dequantized."""
+    from edgerun.kernels_numba import paged_attention as P
+    kq, vq = np.zeros(kp.shape, np.int8), np.zeros(kp.shape, np.int8)
+    ks, vs = np.zeros(kp.shape[:3], np.float32), np.zeros(kp.shape[:3], np.float32)
+    P.store_kv_paged_int8(k, v, kq, vq, ks, vs, table, 0)
+    return kq, vq, ks, vs, P.gather_ref(kq, table, len(k), ks), P.gather_ref(vq, table, len(k), vs)
 
 
 @pytest.mark.parametrize("d", [16, 80, 96, 128])
@@ -450,24 +460,15 @@ def test_decode_attention_shapes(d, H, Hk, start, window, bs):
     starting mid-block, long contexts split between jobs (runs of blocks merged at the end);
     float32 and int8 blocks."""
     from edgerun.kernels_numba import paged_attention as P
-    r = rng(d * 7 + H + start + window + bs)
-    L_ = start + 1
-    q = r.normal(size=(1, H, d)).astype(np.float32)
-    k = (r.normal(size=(L_, Hk, d)) * 0.4).astype(np.float32)
-    v = r.normal(size=(L_, Hk, d)).astype(np.float32)
-    kp, vp, table = paged_setup(k, v, bs, r)
-    P.store_kv_paged(k, v, kp, vp, table, 0)
+    q, k, v, kp, vp, table = _decode_inputs(H, Hk, d, bs, start, 0.4, rng(d * 7 + H + start + window + bs))
     ones = np.ones((1, 1, 1), np.float32)
     scale = np.float32(d ** -0.5)
     out = np.full_like(q, np.nan)
     P.decode_attention(q, kp, vp, ones, ones, False, table, start, scale, window, np.float32(0), out)
     check(out, A.attention_ref(q, k, v, start, float(scale), window), 1e-5, what="decode attention")
-    kq, vq = np.zeros(kp.shape, np.int8), np.zeros(vp.shape, np.int8)
-    ks, vs = np.zeros(kp.shape[:3], np.float32), np.zeros(vp.shape[:3], np.float32)
-    P.store_kv_paged_int8(k, v, kq, vq, ks, vs, table, 0)
+    kq, vq, ks, vs, kd, vd = _int8_pools(k, v, kp, table)
     out = np.full_like(q, np.nan)
     P.decode_attention(q, kq, vq, ks, vs, True, table, start, scale, window, np.float32(0), out)
-    kd, vd = P.gather_ref(kq, table, L_, ks), P.gather_ref(vq, table, L_, vs)
     check(out, A.attention_ref(q, kd, vd, start, float(scale), window), 1e-5, what="int8 decode attention")
 
 
