@@ -25,8 +25,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._common import FASTMATH, JIT
-from .simd import _f32, _i32, _i64, _intr, _load
-from .ssm import fast_exp
+from .simd import _f32, _i32, _i64, _intr, _load, _prefetch_l2, _splat_f
+from .ssm import _bits_as_f32, fast_exp
 
 Q_TILE = 8
 
@@ -203,11 +203,6 @@ def _chunk(builder, base, row, c, d, int8):
     return _load(builder, base, builder.mul(off, _i(4)), _v16f32)
 
 
-def _splat16(builder, x):
-    v = builder.insert_element(ir.Constant(_v16f32, ir.Undefined), x, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 16), [0] * 16))
-
-
 def _fma(builder, a, b, acc):
     return _intr(builder, "llvm.fma.v16f32", _v16f32, [a, b, acc])
 
@@ -312,7 +307,7 @@ def pv_accumulate(typingctx, p, vb, j0, n, t0, g0, o):
                 vv = [_chunk(builder, va, row, builder.add(c0, _i(c)), d, int8) for c in range(width)]
                 for h, hr in enumerate(heads):
                     off = builder.add(builder.mul(hr, ls), builder.add(t0_, it.index))
-                    w = _splat16(builder, _load(builder, pa, builder.mul(off, _i(4)), _f32))
+                    w = _splat_f(builder, _load(builder, pa, builder.mul(off, _i(4)), _f32), 16)
                     for c in range(width):
                         a = accs[h * width + c]
                         builder.store(_fma(builder, w, vv[c], builder.load(a)), a)
@@ -345,17 +340,16 @@ def exp_shifted(x, m):
 
 
 @njit(inline="always")
-def _max(x, scratch):
+def _max(x):
     """max of a float32 vector (no NaN) through integers that order as the floats do (the bits of
     a negative float with its magnitude bits flipped): an integer max vectorises, a float max
-    stays scalar here (4x slower at 512 values). scratch: an int32 array, its first value used."""
+    stays scalar here (4x slower at 512 values)."""
     xi_ = x.view(np.int32)
     m_ = np.int32(-2147483648)
     for j_ in range(xi_.shape[0]):
         v_ = xi_[j_]
         m_ = max(m_, v_ ^ ((v_ >> 31) & np.int32(0x7FFFFFFF)))
-    scratch[0] = m_ ^ ((m_ >> 31) & np.int32(0x7FFFFFFF))
-    return scratch.view(np.float32)[0]
+    return _bits_as_f32(m_ ^ ((m_ >> 31) & np.int32(0x7FFFFFFF)))
 
 
 AHEAD = 8     # half-blocks hinted ahead of the one being read (below)
@@ -407,12 +401,8 @@ def decode_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, star
         b_hi = min(last, b_lo + per - 1)
         p_lo = max(lo, b_lo * bs)
         L = min(start, b_hi * bs + bs - 1) + 1 - p_lo
-        qs = np.empty((G, d), np.float32)
-        for hh in range(G):
-            for c in range(d):
-                qs[hh, c] = q[0, kv * G + hh, c] * scale
+        qg = q[0][kv * G:(kv + 1) * G]
         s = np.empty((G, L + POS), np.float32)
-        one = np.empty(1, np.int32)
         for h2 in range(AHEAD):
             _prefetch_ahead(k_pool, v_pool, table, kv, b_lo, b_hi, h2)
         for lb in range(b_lo, b_hi + 1):
@@ -423,17 +413,19 @@ def decode_attention(q, k_pool, v_pool, k_scale, v_scale, quantized, table, star
             n = min(start - lb * bs + 1, bs) - j0
             t0 = lb * bs + j0 - p_lo
             for g0 in range(0, G, HEADS):
-                qk_scores(qs, k_pool[b, kv], j0, n, s, t0, g0)
+                qk_scores(qg, k_pool[b, kv], j0, n, s, t0, g0)
             if quantized:
                 for hh in range(G):
                     for i in range(n):
                         s[hh, t0 + i] *= k_scale[b, kv, j0 + i]
         for hh in range(G):
             sr = s[hh, :L]
+            for t in range(L):
+                sr[t] *= scale
             if softcap > 0:
                 for t in range(L):
                     sr[t] = softcap * np.tanh(sr[t] / softcap)
-            m = _max(sr, one)
+            m = _max(sr)
             exp_shifted(sr, m)
             den = np.float32(0.0)
             for t in range(L):
@@ -489,8 +481,7 @@ def prefetch_lines(typingctx, arr, offset, n):
     def codegen(context, builder, sig_, args):
         base = builder.add(builder.ptrtoint(context.make_array(sig_.args[0])(context, builder, args[0]).data, _i64), args[1])
         with cgutils.for_range(builder, args[2]) as line:
-            ptr = builder.inttoptr(builder.add(base, builder.mul(line.index, _i(64))), ir.IntType(8).as_pointer())
-            _intr(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)])
+            _prefetch_l2(builder, base, builder.mul(line.index, _i(64)), 0)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -177,9 +177,11 @@ def _loop(builder, start, stop, body):
         body(builder.add(start, loop.index))
 
 
-def _splat_f(builder, s):
-    v = builder.insert_element(ir.Constant(_v8f32, ir.Undefined), s, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(_v8i32, [0] * 8))
+def _splat_f(builder, s, n=8):
+    """A float value in every lane of an <n x float>."""
+    vty = ir.VectorType(_f32, n)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), s, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), [0] * n))
 
 
 def _lane(builder, v, i):
